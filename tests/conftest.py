@@ -1,0 +1,127 @@
+"""Test fixtures: one test body, run on every transport.
+
+``--transport inproc|zmq|ray|all`` (default: all) picks the transports that the
+``transport_name`` fixture (and everything built on it) is parametrized over. Ray is
+started once per test session, with ``num_cpus=2``, the first time a test needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+ALL_TRANSPORTS = ("inproc", "zmq", "ray")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--transport",
+        default="all",
+        choices=[*ALL_TRANSPORTS, "all"],
+        help="run transport-parametrized tests on this transport only (default: all)",
+    )
+
+
+def selected_transports(config: pytest.Config) -> list[str]:
+    choice = config.getoption("--transport")
+    return list(ALL_TRANSPORTS) if choice == "all" else [choice]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transport_name" in metafunc.fixturenames:
+        names = selected_transports(metafunc.config)
+        metafunc.parametrize("transport_name", names, scope="session", ids=names)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "transport_name" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.transport)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster for the whole session (started on first use)."""
+    import ray
+
+    # actor classes defined in tests/ must be importable in Ray's worker processes
+    paths = [str(TESTS_DIR), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            namespace="transferqueue-tests",
+            log_to_driver=False,
+            include_dashboard=False,
+        )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_config(transport_name: str, request: pytest.FixtureRequest) -> dict:
+    if transport_name == "ray":
+        request.getfixturevalue("ray_cluster")
+    return {"transport": transport_name, "runtime": {"call_timeout": 60.0, "inproc_codec": True}}
+
+
+@pytest.fixture
+def python_env() -> dict[str, str]:
+    """Environment for a child Python process that must import tests/ modules."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture(scope="session")
+def system(base_config: dict):
+    """A running system (controller + 2 storage units) on the transport under test."""
+    from transferqueue.config import load_config
+    from transferqueue.loop import runtime_loop
+    from transferqueue.system import start_system
+
+    started = runtime_loop().run(start_system(load_config(base_config)))
+    yield started
+    runtime_loop().run(started.aclose())
+
+
+@pytest.fixture
+def client(system):
+    """The synchronous client of the session's system."""
+    return system.client
+
+
+@pytest.fixture
+async def aclient(system):
+    """An async client of the session's system, bound to this test's event loop."""
+    from transferqueue.client import AsyncTransferQueueClient
+
+    c = AsyncTransferQueueClient(*_fresh_refs(system), system.config)
+    yield c
+    await c.close()
+
+
+def _fresh_refs(system):
+    from transferqueue.actor import ActorRef, Address
+
+    info = system.config.system
+    controller = ActorRef(Address.from_plain(info["controller"]), system.config)
+    units = [ActorRef(Address.from_plain(u), system.config) for u in info["units"]]
+    return controller, units
+
+
+@pytest.fixture
+def pid(request: pytest.FixtureRequest) -> str:
+    """A partition id unique to this test."""
+    return request.node.name

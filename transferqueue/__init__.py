@@ -1,0 +1,87 @@
+"""transferqueue: a streaming data plane for LLM post-training pipelines.
+
+Rollout workers put samples field by field; training tasks consume them in micro-batches
+as soon as the fields they need are ready. See README.md.
+"""
+
+from transferqueue.client import AsyncTransferQueueClient, TransferQueueClient
+from transferqueue.config import Config, load_config
+from transferqueue.controller.samplers import (
+    BaseSampler,
+    GRPOGroupNSampler,
+    RankAwareSampler,
+    SeqlenBalancedSampler,
+    SequentialSampler,
+)
+from transferqueue.errors import (
+    ActorClosedError,
+    ActorDiedError,
+    ActorError,
+    ConfigError,
+    NotInitializedError,
+    PartitionNotFoundError,
+    PartitionSealedError,
+    RemoteError,
+    SamplerError,
+    SchemaError,
+    StorageFullError,
+    TransferQueueError,
+    TransportUnavailableError,
+)
+from transferqueue.kv import (
+    async_kv_batch_get,
+    async_kv_batch_put,
+    async_kv_clear,
+    async_kv_list,
+    async_kv_put,
+    kv_batch_get,
+    kv_batch_put,
+    kv_clear,
+    kv_list,
+    kv_put,
+)
+from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.system import close, get_async_client, get_client, init
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActorClosedError",
+    "ActorDiedError",
+    "ActorError",
+    "AsyncTransferQueueClient",
+    "BaseSampler",
+    "BatchMeta",
+    "Config",
+    "ConfigError",
+    "GRPOGroupNSampler",
+    "NotInitializedError",
+    "PartitionInfo",
+    "PartitionNotFoundError",
+    "PartitionSealedError",
+    "RankAwareSampler",
+    "RemoteError",
+    "SamplerError",
+    "SchemaError",
+    "SeqlenBalancedSampler",
+    "SequentialSampler",
+    "StorageFullError",
+    "TransferQueueClient",
+    "TransferQueueError",
+    "TransportUnavailableError",
+    "async_kv_batch_get",
+    "async_kv_batch_put",
+    "async_kv_clear",
+    "async_kv_list",
+    "async_kv_put",
+    "close",
+    "get_async_client",
+    "get_client",
+    "init",
+    "kv_batch_get",
+    "kv_batch_put",
+    "kv_clear",
+    "kv_list",
+    "kv_put",
+    "load_config",
+]

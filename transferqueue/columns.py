@@ -1,0 +1,135 @@
+"""Batches as columns: what the client sends to storage units and how it rebuilds them.
+
+A *column* is one field of a batch of B rows, in one of three forms:
+
+* a dense tensor of shape ``(B, *row_shape)``;
+* a list of B per-row tensors (a jagged field: row shapes differ);
+* a list of B plain values (a non-tensor field: strings, dicts, numbers).
+
+:func:`to_columns` turns user input (a ``TensorDict`` with one batch dimension, or a dict of
+tensors / lists) into columns plus a :class:`FieldSpec` per field; :func:`assemble` turns the
+per-unit columns that storage units return into one ``TensorDict`` in batch order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
+
+from transferqueue.errors import SchemaError
+from transferqueue.storage import routing
+
+Column = Any  # torch.Tensor | list[torch.Tensor] | list[Any]
+
+
+def field_spec(column: Column) -> dict[str, Any]:
+    """``{"dtype": "torch.float32" | "object", "ndim": per-row rank or -1}``."""
+    if isinstance(column, torch.Tensor):
+        return {
+            "dtype": str(column.dtype),
+            "ndim": column.dim() - 1,
+        }  # nested: dim() counts the batch
+    tensors = [v for v in column if isinstance(v, torch.Tensor)]
+    if tensors and len(tensors) == len(column):
+        dtypes = {t.dtype for t in tensors}
+        ranks = {t.dim() for t in tensors}
+        if len(dtypes) > 1 or len(ranks) > 1:
+            raise SchemaError(
+                f"the rows of one field must share dtype and rank; got dtypes {sorted(map(str, dtypes))} "
+                f"and ranks {sorted(ranks)}"
+            )
+        return {"dtype": str(tensors[0].dtype), "ndim": tensors[0].dim()}
+    if tensors:
+        raise SchemaError("a field mixes tensors and non-tensor values")
+    return {"dtype": "object", "ndim": -1}
+
+
+def _column(name: str, value: Any) -> tuple[Column, int]:
+    if isinstance(value, torch.Tensor):
+        if value.is_nested:  # stays nested: storage keeps jagged fields as values + offsets
+            return value, value.size(0)
+        if value.dim() == 0:
+            raise SchemaError(f"field {name!r} is a 0-d tensor; a field needs a batch dimension")
+        return value.detach(), value.shape[0]
+    if isinstance(value, NonTensorStack):
+        items = value.tolist()
+        return list(items), len(items)
+    if isinstance(value, NonTensorData):
+        return [value.data], -1  # broadcast to the batch below
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+        if items and all(isinstance(v, torch.Tensor) for v in items):
+            shapes = {tuple(v.shape) for v in items}
+            if len(shapes) == 1:
+                return torch.stack(items), len(items)
+        return items, len(items)
+    raise SchemaError(
+        f"field {name!r}: expected a tensor, a nested tensor or a list; got {type(value).__name__}"
+    )
+
+
+def to_columns(data: Any) -> tuple[int, dict[str, Column]]:
+    """User data -> (batch size, columns). Raises SchemaError for malformed batches."""
+    if isinstance(data, TensorDictBase):
+        if len(data.batch_size) != 1:
+            raise SchemaError(
+                f"a put takes a TensorDict with one batch dimension; got batch_size {list(data.batch_size)}"
+            )
+        items = [(str(k), data.get(k)) for k in data.keys()]
+    elif isinstance(data, Mapping):
+        items = [(str(k), v) for k, v in data.items()]
+    else:
+        raise SchemaError(f"put takes a TensorDict or a dict of columns; got {type(data).__name__}")
+    if not items:
+        raise SchemaError("the batch has no fields")
+    columns: dict[str, Column] = {}
+    sizes: dict[str, int] = {}
+    for name, value in items:
+        if isinstance(value, TensorDictBase) and not isinstance(
+            value, (NonTensorStack, NonTensorData)
+        ):
+            raise SchemaError(
+                f"field {name!r}: nested TensorDicts are not supported; flatten the keys"
+            )
+        columns[name], size = _column(name, value)
+        if size >= 0:
+            sizes[name] = size
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        raise SchemaError(f"fields have different batch sizes: {sizes}")
+    if not distinct:
+        raise SchemaError("cannot tell the batch size: every field is a single broadcast value")
+    n = distinct.pop()
+    if n == 0:
+        raise SchemaError("the batch is empty (0 rows)")
+    for name, col in columns.items():
+        if name not in sizes:
+            columns[name] = col * n
+    return n, columns
+
+
+def assemble(
+    n: int,
+    fields: Sequence[str],
+    parts: Sequence[tuple[Any, Mapping[str, Column]]],
+    device: torch.device | str | None = None,
+) -> TensorDict:
+    """Merge per-unit columns (``(positions, columns)``) into one TensorDict of ``n`` rows."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        merged = routing.assemble([(pos, cols[name]) for pos, cols in parts], n)
+        out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
+    td = TensorDict(out, batch_size=[n])
+    return td.to(device) if device is not None else td
+
+
+def _from_list(rows: list[Any]) -> Any:
+    if rows and all(isinstance(r, torch.Tensor) for r in rows):
+        try:
+            return torch.nested.nested_tensor(rows, layout=torch.jagged)
+        except (RuntimeError, ValueError):  # ragged in more than one dim: strided layout
+            return torch.nested.nested_tensor(rows)
+    return NonTensorStack(*rows)

@@ -1,0 +1,162 @@
+"""Configuration: frozen dataclasses with every default in one place.
+
+Build a :class:`Config` from any Mapping (a dict, an OmegaConf ``DictConfig``, ...) with
+:func:`load_config`. Unknown keys raise :class:`~transferqueue.errors.ConfigError` naming the
+key and the valid ones. Environment variables are read by :func:`apply_env`, called once by
+``tq.init`` -- never at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from transferqueue.errors import ConfigError
+
+TRANSPORTS = ("inproc", "zmq", "ray")
+PRE_ALLOC_ENV = "TQ_PRE_ALLOC_SAMPLE_NUM"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The actor runtime: timeouts and in-process codec checking."""
+
+    #: default timeout (seconds) of every actor call; ``None`` waits forever
+    call_timeout: float | None = 120.0
+    #: inproc only: pass every request and reply through the codec, so that payloads the
+    #: zmq and ray transports cannot carry are rejected in-process too
+    inproc_codec: bool = True
+    #: seconds to wait for a first connection to an actor before raising ActorDiedError
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ZmqConfig:
+    #: interface servers bind to; loopback unless you configure otherwise
+    host: str = "127.0.0.1"
+    #: "tcp" or "ipc"
+    protocol: str = "tcp"
+    #: folder for ipc:// sockets (default: the system temp folder)
+    ipc_dir: str | None = None
+    #: seconds an actor process may take to start
+    start_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    namespace: str = "transferqueue"
+    #: extra ``.options(...)`` for the Ray actors; ``num_cpus`` defaults to 0 so the default
+    #: configuration starts on a 2-CPU machine
+    actor_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    #: default reservation of a partition touched before it was created
+    #: (``TQ_PRE_ALLOC_SAMPLE_NUM`` sets it when the config leaves it at 0)
+    pre_allocate: int = 0
+    #: built-in sampler name, BaseSampler subclass or instance, or "package.module:Class"
+    sampler: Any = "sequential"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    units: int = 2
+    #: bound on stored data bytes, summed over all units (each unit gets an equal share)
+    capacity_bytes: int | None = None
+    #: wait for space (woken by clears) instead of raising StorageFullError
+    block_when_full: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    transport: str = "inproc"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    #: filled in by ``tq.init``: where the running system is (pass the returned config to
+    #: ``tq.init`` in another process to attach to it)
+    system: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(
+                f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}"
+            )
+        if self.storage.units < 1:
+            raise ConfigError(f"storage.units must be >= 1; got {self.storage.units}")
+        if self.controller.pre_allocate < 0:
+            raise ConfigError(
+                f"controller.pre_allocate must be >= 0; got {self.controller.pre_allocate}"
+            )
+        if self.zmq.protocol not in ("tcp", "ipc"):
+            raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    valid = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key in data:
+        if key not in valid:
+            path = f"{where}.{key}" if where else str(key)
+            raise ConfigError(
+                f"unknown config key {path!r}; valid keys here: {', '.join(sorted(valid))}"
+            )
+        value = data[key]
+        sub = _dataclass_type(cls, key)
+        if sub is not None and isinstance(value, Mapping):
+            value = _build(sub, value, f"{where}.{key}" if where else key)
+        elif isinstance(value, Mapping):
+            value = {k: value[k] for k in value}
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    default = {f.name: f for f in fields(cls)}[name]
+    if default.default_factory is not dataclasses.MISSING:
+        probe = default.default_factory()
+        if is_dataclass(probe):
+            return type(probe)
+    return None
+
+
+def load_config(config: Config | Mapping[str, Any] | None = None) -> Config:
+    """Return a :class:`Config` from a Config, a Mapping (dict, DictConfig) or ``None``."""
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping) or hasattr(config, "keys"):
+        return _build(Config, config, "")
+    raise ConfigError(f"config must be a Mapping or a Config; got {type(config).__name__}")
+
+
+def parse_pre_allocate(value: str) -> int:
+    """Parse ``TQ_PRE_ALLOC_SAMPLE_NUM``; a clear ValueError for a bad value."""
+    hint = (
+        f"{PRE_ALLOC_ENV} must be a non-negative integer: set it to your global batch size so "
+        "consumers wait for samples that are not produced yet, or to 0 to disable reservation"
+    )
+    try:
+        n = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{hint}; got {value!r}") from None
+    if n < 0:
+        raise ConfigError(f"{hint}; got {n}")
+    return n
+
+
+def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """Apply the environment variables we honour. Called once, by ``tq.init``."""
+    env = os.environ if environ is None else environ
+    raw = env.get(PRE_ALLOC_ENV)
+    if raw is not None and config.controller.pre_allocate == 0:
+        n = parse_pre_allocate(raw)
+        config = replace(config, controller=replace(config.controller, pre_allocate=n))
+    return config

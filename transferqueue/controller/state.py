@@ -1,0 +1,445 @@
+"""Partition bookkeeping of the controller: pure, synchronous, no I/O.
+
+The controller actor is a thin async shell over one :class:`ControllerState`: it turns each
+request into one method call here, and owns one condition per partition to wake waiters.
+
+Per partition (rows are partition-local and dense, ``0..n-1``):
+
+- a row state array (``uint8``): dead (dropped: never reused), pending (a reserved slot),
+  in flight (allocated by an insert, not committed yet) or committed;
+- production bits per (row, field), consumption bits per (task, row) -- one byte per cell,
+  in numpy arrays whose capacity grows geometrically (n single-row appends cost O(n));
+- the field registry (:class:`FieldSpec` per field, fixed at first production), one tag dict
+  per row (``None`` until set), optional keys mapped to rows, ``expected_size``, ``sealed``;
+- per task a low-water mark: every row below it is consumed by the task or dead. Ready rows
+  are found by scanning windows that start there and double in size, so ``get_meta`` costs
+  O(batch) when ready rows are plentiful, not O(partition).
+
+Rules:
+
+- ``create_partition(pid, expected_size)`` makes rows ``0..expected_size-1`` exist at once as
+  pending slots; again with the same size is a no-op, a larger size extends the reservation, a
+  smaller one drops pending slots beyond it, a size below the number of produced rows raises
+  ``ValueError``. A partition touched first by ``allocate``/``get_meta``/``seal`` is created
+  with ``default_expected_size``.
+- ``allocate`` (an insert) fills the lowest pending slots first, then appends; the rows are
+  in flight until ``commit`` (fields + tags, one step, validated first) or ``release`` (a
+  failed write: reserved rows go back to pending, appended rows are dropped).
+- ``seal`` drops unfilled slots; inserts then raise ``PartitionSealedError``.
+- A partition is *bounded* when sealed, or when it has a reservation and no pending slot is
+  left. No more rows can become ready for task T reading fields F when it is bounded and every
+  live row T has not consumed is committed with all of F. It is *exhausted* for T when, in
+  addition, T has consumed every live row.
+- ``get_meta`` returns ``None`` when the caller must wait, an empty :class:`BatchMeta` when
+  the stream has ended for the caller, otherwise the sampled batch (marked consumed).
+- ``generation(pid)`` changes whenever the partition is cleared or created again (``0``: no
+  such partition), so a waiter can tell its partition is gone.
+
+The actor must wake the partition's waiters after every successful ``commit``, ``release``,
+``seal``, ``set_tags``, ``create_partition``, ``clear_samples``, ``clear_partition`` and
+``reset_consumption``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferqueue.controller.partition import (
+    COMMITTED,
+    DEAD,
+    INFLIGHT,
+    PENDING,
+    FieldSpec,
+    Partition,
+    check_tags,
+    rows_array,
+)
+from transferqueue.controller.samplers import CONTEXT_KEYS, BaseSampler, resolve_sampler
+from transferqueue.errors import (
+    ConfigError,
+    PartitionNotFoundError,
+    PartitionSealedError,
+    SamplerError,
+    SchemaError,
+)
+from transferqueue.metadata import BatchMeta, PartitionInfo
+
+__all__ = ["ControllerState", "FieldSpec", "parse_pre_allocate"]
+
+
+def parse_pre_allocate(value: str | int, name: str = "TQ_PRE_ALLOC_SAMPLE_NUM") -> int:
+    """The default reservation from a setting such as ``TQ_PRE_ALLOC_SAMPLE_NUM``.
+
+    ``""`` and ``"0"`` mean no reservation; a negative or non-integer value raises
+    :class:`~transferqueue.errors.ConfigError` (a ``ValueError``).
+    """
+    text = str(value).strip()
+    try:
+        number = int(text) if text else 0
+    except ValueError:
+        number = -1
+    if number < 0 or isinstance(value, bool):
+        raise ConfigError(
+            f"{name}={value!r} is not a valid number of pre-allocated samples: set it to your "
+            f"global batch size so consumers wait for samples that are not produced yet "
+            f"(0 turns pre-allocation off)"
+        )
+    return number
+
+
+class ControllerState:
+    """Every partition of one controller. See the module docstring for the rules."""
+
+    def __init__(self, *, default_expected_size: int = 0, sampler: Any = None) -> None:
+        if default_expected_size < 0:
+            raise ValueError(f"default_expected_size must be >= 0, got {default_expected_size}")
+        self.default_expected_size = default_expected_size
+        self.sampler: BaseSampler = resolve_sampler(sampler)
+        self._parts: dict[str, Partition] = {}
+        self._generations = itertools.count(1)
+
+    # ------------------------------------------------------------ partitions
+    def _get(self, pid: str) -> Partition:
+        part = self._parts.get(pid)
+        if part is None:
+            raise PartitionNotFoundError(
+                f"partition {pid!r} does not exist (never created, or cleared)"
+            )
+        return part
+
+    def _ensure(self, pid: str) -> Partition:
+        part = self._parts.get(pid)
+        if part is None:
+            if not isinstance(pid, str) or not pid:
+                raise TypeError(f"partition_id must be a non-empty str, got {pid!r}")
+            part = self._parts[pid] = Partition(pid, next(self._generations))
+            part.reserve(self.default_expected_size)
+        return part
+
+    def create_partition(self, pid: str, expected_size: int = 0) -> None:
+        """Create ``pid`` (or change its reservation) with ``expected_size`` pending slots."""
+        if isinstance(expected_size, bool) or not isinstance(expected_size, int):
+            raise TypeError(f"expected_size must be an int, got {expected_size!r}")
+        if expected_size < 0:
+            raise ValueError(f"expected_size must be >= 0, got {expected_size}")
+        self._ensure(pid).reserve(expected_size)
+
+    def has_partition(self, pid: str) -> bool:
+        return pid in self._parts
+
+    def list_partitions(self) -> list[str]:
+        return list(self._parts)
+
+    def generation(self, pid: str) -> int:
+        """Changes whenever ``pid`` is cleared or created again; ``0`` when it does not exist."""
+        part = self._parts.get(pid)
+        return part.generation if part is not None else 0
+
+    def seal(self, pid: str) -> None:
+        """No row will be added to ``pid`` any more; unfilled pending slots are dropped."""
+        part = self._ensure(pid)
+        if part.sealed:
+            return
+        part.drop(np.flatnonzero(part.state[: part.n] == PENDING).astype(np.int64))
+        part.sealed = True
+
+    def clear_partition(self, pid: str) -> None:
+        """Forget ``pid`` entirely (idempotent); a later touch creates it afresh."""
+        if self._parts.pop(pid, None) is not None:
+            self.sampler.on_clear(pid)
+
+    def clear_samples(self, pid: str, rows: Sequence[int]) -> None:
+        """Drop ``rows`` of ``pid`` (idempotent: unknown rows and partitions are ignored)."""
+        part = self._parts.get(pid)
+        if part is None:
+            return
+        arr = rows_array(rows)
+        part.drop(np.unique(arr[(arr >= 0) & (arr < part.n)]))
+
+    def reset_consumption(self, pid: str, task: str | None = None) -> None:
+        """Make rows consumable again for ``task`` (every task when None)."""
+        part = self._parts.get(pid)
+        if part is None:
+            return
+        for name in list(part.cons) if task is None else [task]:
+            part.task(name)[:] = False
+            part.lwm[name] = 0
+        self.sampler.on_reset(pid, task)
+
+    # ------------------------------------------------------------ writes
+    def _check_keys(self, part: Partition, keys: Sequence[str] | None, n: int) -> list[str]:
+        if keys is None:
+            return []
+        keys = list(keys)
+        bad = [k for k in keys if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"keys must be str, got {bad[:8]!r}")
+        if len(keys) != n:
+            raise ValueError(f"got {len(keys)} keys for {n} rows; give one key per row")
+        dup = sorted(k for k, c in Counter(keys).items() if c > 1) if len(set(keys)) != n else []
+        taken = [k for k in keys if k in part.keys]
+        if dup or taken:
+            raise ValueError(
+                f"keys must be new and unique in partition {part.pid!r}: "
+                f"repeated {dup[:8]}, already present {taken[:8]}"
+            )
+        return keys
+
+    def allocate(self, pid: str, n: int, keys: Sequence[str] | None = None) -> list[int]:
+        """Rows for an insert of ``n`` samples, in input order: pending slots first, then new
+        rows. The rows are in flight until :meth:`commit` or :meth:`release`."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        part = self._ensure(pid)
+        if part.sealed:
+            raise PartitionSealedError(
+                f"partition {pid!r} is sealed: no rows can be added; put into a new partition"
+            )
+        keys = self._check_keys(part, keys, n)
+        rows = part.take_pending(n) if part.n_pending else np.zeros(0, dtype=np.int64)
+        if len(rows) < n:
+            rows = np.concatenate([rows, part.add_rows(n - len(rows), INFLIGHT)])
+        out = rows.tolist()
+        for k, r in zip(keys, out, strict=False):
+            part.keys[k] = r
+            part.row_keys[r] = k
+        return out
+
+    def upsert_keys(self, pid: str, keys: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """Rows for ``keys``: existing keys keep their row, new ones are allocated.
+        Returns the rows (in key order) and, per key, whether it was newly allocated."""
+        part = self._ensure(pid)
+        keys = list(keys)
+        is_new = [not (isinstance(k, str) and k in part.keys) for k in keys]
+        new_rows = iter(
+            self.allocate(pid, sum(is_new), [k for k, m in zip(keys, is_new, strict=True) if m])
+        )
+        rows = [next(new_rows) if m else part.keys[k] for k, m in zip(keys, is_new, strict=True)]
+        return rows, is_new
+
+    def release(self, pid: str, rows: Sequence[int]) -> None:
+        """A failed write: in-flight rows inside the reservation become pending again, others
+        are dropped. Rows not in flight (committed, dropped, unknown) are left alone."""
+        part = self._parts.get(pid)
+        if part is None:
+            return
+        arr = rows_array(rows)
+        arr = np.unique(arr[(arr >= 0) & (arr < part.n)])
+        arr = arr[part.state[arr] == INFLIGHT]
+        back = arr[arr < part.expected_size] if not part.sealed else arr[:0]
+        part.drop(arr[arr >= part.expected_size] if not part.sealed else arr)
+        if len(back):
+            part.drop(back)  # clears keys and tags, then back to pending
+            part.state[back] = PENDING
+            part.n_pending += len(back)
+            part.pending_lo = min(part.pending_lo, int(back[0]))
+
+    def commit(
+        self,
+        pid: str,
+        rows: Sequence[int],
+        fields: Mapping[str, Any],
+        tags: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        """Publish ``fields`` (name -> :class:`FieldSpec`) and ``tags`` of ``rows`` in one
+        step. Everything is validated first; on error nothing changes."""
+        part = self._get(pid)
+        arr = rows_array(rows)
+        part.check_rows(arr, "commit")
+        specs = {name: FieldSpec.from_plain(spec) for name, spec in fields.items()}
+        for name, spec in specs.items():
+            if not isinstance(name, str):
+                raise TypeError(f"field names must be str, got {name!r}")
+            old = part.specs.get(name)
+            if old is not None and old != spec:
+                raise SchemaError(
+                    f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
+                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
+                )
+        checked = check_tags(tags, len(arr))
+        for name, spec in specs.items():
+            if name not in part.specs:
+                part.specs[name] = spec
+                part.prod[name] = np.zeros(part.capacity, dtype=bool)
+            part.prod[name][arr] = True
+        part.state[arr] = COMMITTED
+        part.merge_tags(arr, checked)
+
+    def set_tags(self, pid: str, rows: Sequence[int], tags: Sequence[Mapping[str, Any]]) -> None:
+        """Merge ``tags`` (one dict per row) into the tags of ``rows``."""
+        part = self._get(pid)
+        arr = rows_array(rows)
+        part.check_rows(arr, "tag")
+        part.merge_tags(arr, check_tags(tags, len(arr)))
+
+    # ------------------------------------------------------------ reads
+    def get_meta(
+        self,
+        pid: str,
+        task: str,
+        fields: Sequence[str],
+        batch_size: int,
+        sampling_config: Mapping[str, Any] | None = None,
+        drop_last: bool = False,
+    ) -> BatchMeta | None:
+        """A batch for ``task``: ``None`` when the caller must wait, an empty batch when its
+        stream has ended, else the sampled rows (now consumed for ``task``)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(task, str) or not task:
+            raise TypeError(f"task_name must be a non-empty str, got {task!r}")
+        fields = [fields] if isinstance(fields, str) else list(fields)
+        if not all(isinstance(f, str) for f in fields):
+            raise TypeError(f"data fields must be str, got {fields!r}")
+        cfg = dict(sampling_config or {})
+        reserved = sorted(CONTEXT_KEYS & set(cfg))
+        if reserved:
+            raise SamplerError(f"sampling_config may not set {reserved}: the controller does")
+        part = self._ensure(pid)
+        ready, final = self._ready(
+            part, task, fields, self.sampler.candidate_limit(batch_size, **cfg)
+        )
+        sampled, consumed = self.sampler.sample(
+            ready, batch_size, partition_id=pid, task_name=task, tags=part.tag_view,
+            final=final, drop_last=drop_last, **cfg,
+        )  # fmt: skip
+        picked = self._check_sampled(part, sampled)
+        used = picked if consumed == sampled else self._check_sampled(part, consumed)
+        if drop_last and 0 < len(picked) < batch_size:
+            picked, used = picked[:0], used[:0]
+        if len(used):
+            part.mark_consumed(task, used)
+        if not len(picked):
+            return BatchMeta.empty(pid, fields) if final else None
+        rows = picked.tolist()
+        return BatchMeta(pid, rows, fields, [part.tags[r] or {} for r in rows])
+
+    def _ready(
+        self, part: Partition, task: str, fields: list[str], limit: int | None
+    ) -> tuple[list[int], bool]:
+        """Ready rows (at most ``limit``), and whether they are all and no more can come."""
+        k: float = float("inf") if limit is None else limit
+        start = part.lwm.get(task, 0)
+        rows, reached_end = part.scan(
+            start, k, lambda lo, hi: part.ready_mask(task, fields, lo, hi)
+        )
+        if not (reached_end and len(rows) <= k and part.bounded):
+            return rows[: len(rows) if limit is None else limit].tolist(), False
+        # every unconsumed live row in [start, n) must be among the ready ones
+        unconsumed = part.state[start : part.n] != DEAD
+        unconsumed &= ~part.task(task)[start : part.n]
+        return rows.tolist(), int(np.count_nonzero(unconsumed)) == len(rows)
+
+    def _check_sampled(self, part: Partition, rows: Sequence[int]) -> np.ndarray:
+        try:
+            arr = np.array(rows, dtype=np.int64)
+        except (TypeError, ValueError) as exc:
+            raise SamplerError(f"sampler returned invalid rows: {exc}") from None
+        if arr.ndim != 1:
+            raise SamplerError(f"sampler must return a flat list of rows, got {rows!r}")
+        if len(arr) < 64:  # cheaper in Python than three numpy reductions
+            ok = all(0 <= r < part.n and part.state[r] != DEAD for r in arr.tolist())
+        else:
+            ok = arr.min() >= 0 and arr.max() < part.n and bool(part.state[arr].all())
+        if not ok:
+            bad = [r for r in arr.tolist() if not (0 <= r < part.n and part.state[r] != DEAD)]
+            raise SamplerError(f"sampler returned rows that do not exist: {bad[:8]}")
+        return arr
+
+    def check_rows(self, pid: str, rows: Sequence[int]) -> None:
+        """``rows`` must be distinct rows of ``pid`` in flight or committed (an update put).
+        Raises ``PartitionNotFoundError`` or ``ValueError``."""
+        self._get(pid).check_rows(rows_array(rows), "write")
+
+    def meta_of(self, pid: str, rows: Sequence[int], fields: Sequence[str]) -> BatchMeta:
+        """A :class:`BatchMeta` of ``rows`` (in that order) with their current tags."""
+        part = self._get(pid)
+        arr = rows_array(rows)
+        part.check_rows(arr, "describe")
+        return BatchMeta(
+            pid, arr.tolist(), list(fields), [part.tags[r] or {} for r in arr.tolist()]
+        )
+
+    def common_fields(self, pid: str, rows: Sequence[int]) -> list[str]:
+        """The fields (in registration order) that every one of ``rows`` has."""
+        part = self._get(pid)
+        arr = rows_array(rows)
+        part.check_rows(arr, "read")
+        return [f for f, col in part.prod.items() if bool(col[arr].all())]
+
+    # ------------------------------------------------------------ status
+    def check_consumption_status(self, task: str, pid: str) -> bool:
+        """True exactly when ``pid`` is exhausted for ``task``."""
+        return self._get(pid).exhausted(task)
+
+    def check_production_status(self, fields: Sequence[str], pid: str) -> bool:
+        """True when every live row (pending slots included) has every field of ``fields``."""
+        _, status = self._production(self._get(pid), fields)
+        return bool(status.all())
+
+    def get_consumption_status(self, task: str, pid: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live rows (pending slots included, int64) and whether ``task`` consumed each."""
+        part = self._get(pid)
+        rows = part.live_rows()
+        cons = part.cons.get(task)
+        status = cons[rows] if cons is not None else np.zeros(len(rows), dtype=bool)
+        return torch.from_numpy(rows), torch.from_numpy(np.ascontiguousarray(status))
+
+    def get_production_status(
+        self, fields: Sequence[str], pid: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live rows (int64) and a bool matrix (rows x fields): which cells are produced."""
+        rows, status = self._production(self._get(pid), fields)
+        return torch.from_numpy(rows), torch.from_numpy(status)
+
+    def _production(self, part: Partition, fields: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        fields = [fields] if isinstance(fields, str) else list(fields)
+        rows = part.live_rows()
+        status = np.zeros((len(rows), len(fields)), dtype=bool)
+        for j, f in enumerate(fields):
+            if f in part.prod:
+                status[:, j] = part.prod[f][rows]
+        return rows, status
+
+    def partition_info(self, pid: str) -> PartitionInfo:
+        part = self._get(pid)
+        n = part.n
+        return PartitionInfo(
+            partition_id=pid,
+            size=int(np.count_nonzero(part.live())),
+            expected_size=part.expected_size,
+            sealed=part.sealed,
+            produced={f: int(np.count_nonzero(a[:n])) for f, a in part.prod.items()},
+            consumed={t: int(np.count_nonzero(a[:n])) for t, a in part.cons.items()},
+        )
+
+    def field_specs(self, pid: str) -> dict[str, FieldSpec]:
+        return dict(self._get(pid).specs)
+
+    def memory_bytes(self, pid: str | None = None) -> int:
+        """Bytes held by the status arrays (plus one pointer per row for tags)."""
+        parts = self._parts.values() if pid is None else [self._get(pid)]
+        return sum(p.nbytes() for p in parts)
+
+    # ------------------------------------------------------------ keys
+    def rows_for_keys(self, pid: str, keys: Sequence[str]) -> list[int]:
+        """The rows of ``keys``; ``KeyError`` naming every missing key."""
+        part = self._get(pid)
+        missing = [k for k in keys if k not in part.keys]
+        if missing:
+            raise KeyError(f"keys not found in partition {pid!r}: {missing}")
+        return [part.keys[k] for k in keys]
+
+    def kv_list(self, pid: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{partition: {key: tags}}`` for one partition (``{}`` if unknown) or all."""
+        if pid is not None:
+            parts = [self._parts[pid]] if pid in self._parts else []
+        else:
+            parts = list(self._parts.values())
+        return {p.pid: {k: dict(p.tags[r] or {}) for k, r in p.keys.items()} for p in parts}

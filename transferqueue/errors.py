@@ -1,0 +1,79 @@
+"""The one exception tree of transferqueue.
+
+Every error the library raises on purpose derives from :class:`TransferQueueError`.
+Some also derive from a builtin (``ValueError``, ``KeyError``, ``TimeoutError``) so that
+callers who catch the builtin keep working. Errors raised inside an actor travel back to
+the caller with the same type (see :mod:`transferqueue.actor`).
+"""
+
+from __future__ import annotations
+
+
+class TransferQueueError(Exception):
+    """Base class of every transferqueue error."""
+
+
+class ConfigError(TransferQueueError, ValueError):
+    """A configuration value is unknown or invalid."""
+
+
+class ActorError(TransferQueueError):
+    """Something went wrong talking to an actor."""
+
+
+class ActorDiedError(ActorError):
+    """The actor's process or Ray actor is gone; the call cannot be answered."""
+
+
+class ActorClosedError(ActorError):
+    """The actor (or the channel to it) was closed by its owner."""
+
+
+class RemoteError(ActorError):
+    """An actor method raised an exception whose type does not travel.
+
+    ``remote_type`` is the qualified name of the original type and ``remote_traceback``
+    its formatted traceback, as text.
+    """
+
+    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.remote_traceback:
+            return f"{base}\n--- remote traceback ---\n{self.remote_traceback}"
+        return base
+
+
+class TransportUnavailableError(TransferQueueError):
+    """A transport cannot be used here (missing optional dependency, wrong process)."""
+
+
+class NotInitializedError(TransferQueueError):
+    """``tq.init`` has not been called in this process."""
+
+
+class PartitionNotFoundError(TransferQueueError, KeyError):
+    """The partition does not exist (never created, or cleared)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return Exception.__str__(self)
+
+
+class PartitionSealedError(TransferQueueError):
+    """Rows cannot be added to a sealed partition."""
+
+
+class SchemaError(TransferQueueError, ValueError):
+    """Data does not match what the partition already holds (dtype, rank, batch size)."""
+
+
+class StorageFullError(TransferQueueError):
+    """The storage capacity would be exceeded by this write."""
+
+
+class SamplerError(TransferQueueError, ValueError):
+    """A sampler was misconfigured or given invalid ``sampling_config``."""

@@ -1,0 +1,231 @@
+"""Columnar handles on samples: :class:`BatchMeta` and :class:`PartitionInfo`.
+
+A :class:`BatchMeta` names a batch of samples of one partition: the partition, the rows in
+batch order, the fields of interest and one tag dict per row. It carries no data; the
+client turns it into a ``TensorDict`` with ``get_data``. Both classes are plain dataclasses:
+they pickle as they are, and ``to_plain`` / ``from_plain`` turn them into (and back from)
+the plain values the wire codec carries (str, int, list, dict).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BatchMeta", "PartitionInfo"]
+
+
+def _check_str_list(name: str, values: Iterable[Any]) -> list[str]:
+    out = list(values)
+    for v in out:
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be strings, got {type(v).__name__}: {v!r}")
+    return out
+
+
+def _check_row_list(values: Iterable[Any]) -> list[int]:
+    out = list(values)
+    if all(type(v) is int for v in out):
+        return out
+    for v in out:  # numpy / torch integer scalars are normalised to int
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"rows must be integers, got {type(v).__name__}: {v!r}")
+    return [operator.index(v) for v in out]
+
+
+def _copy_tags(tags: Iterable[Any]) -> list[dict[str, Any]]:
+    out = []
+    for t in tags:
+        if type(t) is not dict and not isinstance(t, Mapping):
+            raise TypeError(f"each row's tags must be a dict, got {type(t).__name__}")
+        out.append(dict(t))
+    return out
+
+
+@dataclass
+class BatchMeta:
+    """A batch of samples of one partition: rows (in batch order), fields and per-row tags.
+
+    ``tags`` may be left out (one empty dict per row is used); when given it must hold one
+    dict per row. ``len(meta)`` is the number of rows.
+    """
+
+    partition_id: str
+    rows: list[int] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
+    tags: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partition_id, str):
+            raise TypeError(f"partition_id must be a str, got {type(self.partition_id).__name__}")
+        self.rows = _check_row_list(self.rows)
+        self.fields = _check_str_list("fields", self.fields)
+        self.tags = _copy_tags(self.tags) if self.tags else [{} for _ in self.rows]
+        if len(self.tags) != len(self.rows):
+            raise ValueError(
+                f"BatchMeta needs one tag dict per row: {len(self.rows)} rows, "
+                f"{len(self.tags)} tags"
+            )
+
+    # ----------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def size(self) -> int:
+        """Number of rows (same as ``len(meta)``)."""
+        return len(self.rows)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the batch holds no rows (an exhausted stream returns such a meta)."""
+        return not self.rows
+
+    @classmethod
+    def empty(cls, partition_id: str, fields: Sequence[str] = ()) -> BatchMeta:
+        """An empty batch of ``partition_id``."""
+        return cls(partition_id=partition_id, rows=[], fields=list(fields), tags=[])
+
+    def _take(self, start: int, stop: int) -> BatchMeta:
+        return BatchMeta(
+            partition_id=self.partition_id,
+            rows=self.rows[start:stop],
+            fields=list(self.fields),
+            tags=self.tags[start:stop],
+        )
+
+    # ------------------------------------------------------- split and join
+    def chunk(self, chunks: int) -> list[BatchMeta]:
+        """Split into exactly ``chunks`` consecutive parts of nearly equal size.
+
+        The first ``len(self) % chunks`` parts get one row more; when ``chunks`` exceeds the
+        number of rows the trailing parts are empty (as in the public TransferQueue).
+        """
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks <= 0:
+            raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+        base, extra = divmod(len(self.rows), chunks)
+        return self.split([base + (1 if i < extra else 0) for i in range(chunks)])
+
+    def split(self, sizes: Sequence[int]) -> list[BatchMeta]:
+        """Split into consecutive parts of the given sizes, which must sum to ``len(self)``."""
+        sizes = list(sizes)
+        for s in sizes:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(f"split sizes must be non-negative integers, got {sizes!r}")
+        if sum(sizes) != len(self.rows):
+            raise ValueError(
+                f"split sizes {sizes} sum to {sum(sizes)}, but the batch has {len(self)} rows"
+            )
+        out, start = [], 0
+        for s in sizes:
+            out.append(self._take(start, start + s))
+            start += s
+        return out
+
+    @classmethod
+    def concat(cls, metas: Sequence[BatchMeta]) -> BatchMeta:
+        """Join batches of one partition, in order. Fields must agree (empty batches aside)."""
+        metas = list(metas)
+        if not metas:
+            raise ValueError("concat needs at least one BatchMeta")
+        pid = metas[0].partition_id
+        others = {m.partition_id for m in metas} - {pid}
+        if others:
+            raise ValueError(
+                f"concat needs batches of one partition; got {pid!r} and {sorted(others)!r}"
+            )
+        non_empty = [m for m in metas if m.rows] or metas[:1]
+        fields = list(non_empty[0].fields)
+        for m in non_empty[1:]:
+            if set(m.fields) != set(fields):
+                raise ValueError(
+                    f"concat needs batches with the same fields; got {fields} and {m.fields}"
+                )
+        return cls(
+            partition_id=pid,
+            rows=[r for m in metas for r in m.rows],
+            fields=fields,
+            tags=[t for m in metas for t in m.tags],
+        )
+
+    def select_fields(self, fields: Sequence[str]) -> BatchMeta:
+        """The same rows with only ``fields`` (each must be one of this batch's fields)."""
+        fields = _check_str_list("fields", fields)
+        missing = [f for f in fields if f not in self.fields]
+        if missing:
+            raise ValueError(f"fields {missing} are not in this batch (it has {self.fields})")
+        return BatchMeta(self.partition_id, list(self.rows), fields, self.tags)
+
+    # ------------------------------------------------------------------ wire
+    def to_plain(self) -> dict[str, Any]:
+        """Plain values (str, int, list, dict) for the wire codec."""
+        return {
+            "partition_id": self.partition_id,
+            "rows": list(self.rows),
+            "fields": list(self.fields),
+            "tags": [dict(t) for t in self.tags],
+        }
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> BatchMeta:
+        """Inverse of :meth:`to_plain`."""
+        return cls(
+            partition_id=plain["partition_id"],
+            rows=list(plain.get("rows", [])),
+            fields=list(plain.get("fields", [])),
+            tags=list(plain.get("tags", [])),
+        )
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A snapshot of one partition, as ``partition_info`` returns it.
+
+    ``size`` counts live rows, pending slots included; ``produced`` maps each field to the
+    number of live rows that have it; ``consumed`` maps each task to the number of live rows
+    it has consumed.
+    """
+
+    partition_id: str
+    size: int
+    expected_size: int
+    sealed: bool
+    produced: dict[str, int] = field(default_factory=dict)
+    consumed: dict[str, int] = field(default_factory=dict)
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain values for the wire codec."""
+        return {
+            "partition_id": self.partition_id,
+            "size": self.size,
+            "expected_size": self.expected_size,
+            "sealed": self.sealed,
+            "produced": dict(self.produced),
+            "consumed": dict(self.consumed),
+        }
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> PartitionInfo:
+        """Inverse of :meth:`to_plain`."""
+        return cls(
+            partition_id=plain["partition_id"],
+            size=int(plain["size"]),
+            expected_size=int(plain["expected_size"]),
+            sealed=bool(plain["sealed"]),
+            produced=dict(plain.get("produced", {})),
+            consumed=dict(plain.get("consumed", {})),
+        )
+
+
+def _register_wire_types() -> None:
+    from transferqueue import codec
+
+    codec.register_type(BatchMeta, "tq.BatchMeta", BatchMeta.to_plain, BatchMeta.from_plain)
+    codec.register_type(
+        PartitionInfo, "tq.PartitionInfo", PartitionInfo.to_plain, PartitionInfo.from_plain
+    )
+
+
+_register_wire_types()

@@ -1,0 +1,146 @@
+"""Jagged rows of one field packed end to end: a values buffer plus (start, length) per slot.
+
+Rows of a jagged field share every dim but the first (``trail``). A write appends its rows to
+the end of the buffer in one copy; a read gathers the requested rows with one
+``index_select`` and returns values + offsets -- no tensor object per row either way.
+Overwritten and cleared rows leave garbage that is compacted away (one gather) when more than
+half of the buffer is garbage and the buffer would otherwise have to grow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LONG_ROW = 256  # average entries per row from which a cat of slices beats an index
+
+__all__ = ["JaggedArena", "gather_dense", "gather_jagged", "is_range", "offsets_of"]
+
+
+def is_range(slots: torch.Tensor) -> bool:
+    """Whether ``slots`` is ``s0, s0+1, ..., s0+n-1`` (then a slice replaces a gather)."""
+    n = slots.numel()
+    if n == 0 or int(slots[-1]) - int(slots[0]) != n - 1:
+        return False
+    return n < 3 or bool((slots.diff() == 1).all())
+
+
+def gather_dense(buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``buffer[slots]`` as a new tensor: one slice copy or one ``index_select``."""
+    if is_range(slots):
+        s0 = int(slots[0])
+        return buffer[s0 : s0 + slots.numel()].clone()
+    return buffer.index_select(0, slots)
+
+
+def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+    """``[0, l0, l0+l1, ...]`` as int64."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return offsets
+
+
+def gather_jagged(
+    values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``values[starts[i] : starts[i] + lengths[i]]`` packed: ``(values, offsets)``.
+
+    ``starts`` and ``lengths`` are CPU int64 tensors; ``values`` may live on any device (the
+    result does too; ``offsets`` are on the CPU).
+
+    Contiguous rows: one slice copy. Long rows (>= ``_LONG_ROW`` entries on average): one
+    ``cat`` of row slices. Short rows: one ``index_select`` with a per-entry index (building
+    a view per row would cost more than the index).
+    """
+    offsets = offsets_of(lengths)
+    total = int(offsets[-1])
+    n = lengths.numel()
+    if n and bool((starts[1:] == starts[:-1] + lengths[:-1]).all()):
+        s0 = int(starts[0])
+        return values[s0 : s0 + total].clone(), offsets
+    if n and total >= _LONG_ROW * n:
+        slices = [values[a : a + b] for a, b in zip(starts.tolist(), lengths.tolist(), strict=True)]
+        return torch.cat(slices), offsets
+    shift = torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
+    index = torch.arange(total, dtype=torch.int64) + shift
+    return values.index_select(0, index.to(values.device)), offsets
+
+
+class JaggedArena:
+    """The jagged rows (one ``trail`` shape and dtype) of one field in one partition."""
+
+    def __init__(self, trail: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.trail = trail
+        self.dtype = dtype
+        self.values = torch.empty((0, *trail), dtype=dtype)
+        self.start = torch.zeros(0, dtype=torch.int64)
+        self.length = torch.zeros(0, dtype=torch.int64)
+        self.end = 0  # values[:end] are used (live rows and garbage)
+        self.live = 0  # elements (first-dim entries) in live rows
+        self.elem_bytes = torch.empty((1, *trail), dtype=dtype).nbytes
+
+    def accepts(self, trail: tuple[int, ...], dtype: torch.dtype) -> bool:
+        return trail == self.trail and dtype == self.dtype
+
+    def nbytes_at(self, slots: torch.Tensor) -> int:
+        """Bytes of the rows at ``slots`` (all held here)."""
+        return int(self.length[slots].sum()) * self.elem_bytes
+
+    def release(self, slots: torch.Tensor) -> int:
+        """Forget the rows at ``slots`` (all held here); returns their bytes."""
+        n = int(self.length[slots].sum())
+        self.length[slots] = 0
+        self.live -= n
+        return n * self.elem_bytes
+
+    def append(
+        self,
+        slots: torch.Tensor,
+        parts: list[torch.Tensor],
+        lengths: torch.Tensor,
+        live_slots: torch.Tensor,
+    ) -> None:
+        """Store rows (``parts`` concatenated, split by ``lengths``) at empty ``slots``.
+
+        ``live_slots`` lists the slots already held here (used when compacting).
+        """
+        total = int(lengths.sum())
+        self._reserve(total, live_slots)
+        dst = self.values[self.end : self.end + total]
+        if all(p.device.type == "cpu" for p in parts):
+            torch.cat(parts, out=dst)
+        else:
+            dst.copy_(torch.cat(parts))
+        need = int(slots.max()) + 1
+        if need > self.start.numel():
+            size = max(need, 2 * self.start.numel())
+            self.start = _grown(self.start, size)
+            self.length = _grown(self.length, size)
+        self.start[slots] = self.end + offsets_of(lengths)[:-1]
+        self.length[slots] = lengths
+        self.end += total
+        self.live += total
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, offsets)`` of the rows at ``slots`` (all held here), in that order."""
+        return gather_jagged(self.values, self.start[slots], self.length[slots])
+
+    def _reserve(self, total: int, live_slots: torch.Tensor) -> None:
+        cap = self.values.shape[0]
+        if self.end + total <= cap:
+            return
+        if self.end - self.live > self.live:  # mostly garbage: compact instead of growing
+            values, offsets = self.gather(live_slots)
+            self.values, self.end = values, self.live
+            self.start[live_slots] = offsets[:-1]
+            cap = values.shape[0]
+            if self.end + total <= cap:
+                return
+        grown = torch.empty((max(self.end + total, 2 * cap), *self.trail), dtype=self.dtype)
+        grown[: self.end].copy_(self.values[: self.end])
+        self.values = grown
+
+
+def _grown(t: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=t.dtype)
+    out[: t.numel()] = t
+    return out

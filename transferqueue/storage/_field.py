@@ -1,0 +1,355 @@
+"""One field of one partition in a :class:`~transferqueue.storage.store.Store`.
+
+A cell lives in one of three places, recorded per slot in ``Field.state``:
+
+* ``DENSE``: a contiguous buffer ``(slots, *row_shape)`` (fixed-shape fields);
+* ``JAGGED``: a :class:`JaggedArena` (rows that share all dims but the first);
+* ``CELL``: a per-slot dict (non-tensor values, and tensors that fit neither).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferqueue.errors import SchemaError
+from transferqueue.storage._arena import JaggedArena, gather_dense, is_range
+
+ABSENT, DENSE, JAGGED, CELL = 0, 1, 2, 3
+MAX_ROW = 2**31 - 1
+_IMMUTABLE = (str, bytes, int, float, bool, complex, type(None))
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def value_nbytes(value: Any) -> int:
+    """Rough size of a non-tensor value."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value)
+    if isinstance(value, torch.Tensor):
+        return tensor_nbytes(value)
+    return sys.getsizeof(value)
+
+
+def copy_value(value: Any) -> Any:
+    return value if type(value) in _IMMUTABLE else copy.deepcopy(value)
+
+
+def _rows_tensor(rows: Any) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows
+    if isinstance(rows, range):
+        return torch.arange(rows.start, rows.stop, rows.step, dtype=torch.int64)
+    try:  # numpy converts a list of ints several times faster than torch does
+        arr = np.asarray(rows)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"rows must be a list or 1-D tensor of ints: {exc}") from None
+    if arr.size == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if arr.dtype.kind not in "iu":
+        raise SchemaError(f"rows must be integers, got {arr.dtype} values")
+    return torch.from_numpy(arr.astype(np.int64, copy=False))
+
+
+def as_rows(rows: Any, unique: bool) -> torch.Tensor:
+    """``rows`` as a 1-D int64 CPU tensor of valid row ids; SchemaError otherwise."""
+    t = _rows_tensor(rows)
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        raise SchemaError(f"rows must be integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise SchemaError(f"rows must be 1-D, got shape {tuple(t.shape)}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    if t.numel() == 0:
+        return t
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi > MAX_ROW:
+        raise SchemaError(f"rows must be in [0, {MAX_ROW}], got values in [{lo}, {hi}]")
+    if unique and torch.unique(t).numel() != t.numel():
+        raise SchemaError("rows of one write must be unique")
+    return t
+
+
+def _scatter(buffer: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
+    """``buffer[slots] = src`` for every dtype (``index_copy_`` on a byte view)."""
+    n = slots.numel()
+    if is_range(slots):
+        s0 = int(slots[0])
+        buffer[s0 : s0 + n].copy_(src)
+        return
+    if buffer[0].numel() == 0:
+        return
+    dst = buffer.view(buffer.shape[0], -1).view(torch.uint8)
+    data = src.to("cpu").contiguous().view(n, -1).view(torch.uint8)
+    dst.index_copy_(0, slots, data)
+
+
+def _fit(
+    buf: torch.Tensor | None, need: int, row_shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``buf`` with room for ``need`` rows, grown geometrically."""
+    cap = 0 if buf is None else buf.shape[0]
+    if buf is not None and need <= cap:
+        return buf
+    grown = torch.empty((max(need, 2 * cap), *row_shape), dtype=dtype)
+    if buf is not None:
+        grown[:cap].copy_(buf)
+    return grown
+
+
+def _uniform(items: list[torch.Tensor]) -> bool:
+    """Whether per-row tensors can be packed jagged (same ndim >= 1, same trailing dims)."""
+    first = items[0]
+    trail = first.shape[1:]
+    return first.dim() >= 1 and all(t.dim() == first.dim() and t.shape[1:] == trail for t in items)
+
+
+@dataclass(frozen=True)
+class FieldData:
+    """A validated column of one write (its data not copied yet).
+
+    ``kind``: ``"dense"`` (``data`` a tensor), ``"jagged"`` (``data`` tensors whose
+    concatenation holds the rows, split by ``lengths``), ``"rows"`` (``data`` per-row tensors
+    of differing ndim or trailing dims) or ``"values"`` (``data`` a list of values).
+    """
+
+    kind: str
+    data: Any
+    nbytes: int
+    dtype: torch.dtype | None = None
+    lengths: torch.Tensor | None = None
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.kind != "values"
+
+    @staticmethod
+    def from_column(name: str, col: Any, n: int) -> FieldData:
+        if isinstance(col, torch.Tensor) and col.is_nested:
+            return FieldData._from_nested(name, col.detach(), n)
+        if isinstance(col, torch.Tensor):
+            if col.dim() == 0 or col.shape[0] != n:
+                raise SchemaError(
+                    f"field {name!r}: tensor of shape {tuple(col.shape)} does not have "
+                    f"one entry per row ({n} rows)"
+                )
+            return FieldData("dense", col.detach(), tensor_nbytes(col), col.dtype)
+        if isinstance(col, (list, tuple)):
+            return FieldData._from_list(name, list(col), n)
+        raise SchemaError(
+            f"field {name!r}: a column must be a tensor, a nested tensor or a list, "
+            f"got {type(col).__name__}"
+        )
+
+    @staticmethod
+    def _from_nested(name: str, col: torch.Tensor, n: int) -> FieldData:
+        simple = getattr(col, "_lengths", None) is None and getattr(col, "_ragged_idx", 1) == 1
+        if col.layout != torch.jagged or not simple:
+            return FieldData._from_list(name, list(col.unbind()), n)
+        if col.size(0) != n:
+            raise SchemaError(f"field {name!r} has {col.size(0)} entries for {n} rows")
+        offsets: torch.Tensor = col.offsets().cpu()  # type: ignore[attr-defined]
+        start, end = int(offsets[0]), int(offsets[-1])
+        values = col.values()[start:end]
+        return FieldData("jagged", [values], tensor_nbytes(values), col.dtype, offsets.diff())
+
+    @staticmethod
+    def _from_list(name: str, items: list[Any], n: int) -> FieldData:
+        if len(items) != n:
+            raise SchemaError(f"field {name!r} has {len(items)} entries for {n} rows")
+        n_tensors = sum(isinstance(x, torch.Tensor) for x in items)
+        if n_tensors == 0:
+            return FieldData("values", items, sum(value_nbytes(v) for v in items))
+        if n_tensors != n:
+            raise SchemaError(f"field {name!r} mixes tensors and non-tensor values")
+        dtypes = {t.dtype for t in items}
+        if len(dtypes) != 1 or any(t.is_nested for t in items):
+            raise SchemaError(
+                f"field {name!r}: per-row tensors must be plain tensors of one dtype, "
+                f"got dtypes {sorted(str(d) for d in dtypes)}"
+            )
+        rows = [t.detach() for t in items]
+        nbytes = sum(tensor_nbytes(t) for t in rows)
+        if _uniform(rows):
+            lengths = torch.tensor([t.shape[0] for t in rows], dtype=torch.int64)
+            return FieldData("jagged", rows, nbytes, rows[0].dtype, lengths)
+        return FieldData("rows", rows, nbytes, rows[0].dtype)
+
+
+class Field:
+    """The cells of one field in one partition."""
+
+    def __init__(self, is_tensor: bool, dtype: torch.dtype | None) -> None:
+        self.is_tensor = is_tensor
+        self.dtype = dtype
+        self.jagged = False  # written per row at least once: reads never stack it
+        self.state = torch.zeros(0, dtype=torch.uint8)
+        self.buffer: torch.Tensor | None = None
+        self.arena: JaggedArena | None = None
+        self.cells: dict[int, Any] = {}
+        self.count = 0
+        self.dense_count = 0
+        self.jagged_count = 0
+        self.nbytes = 0
+
+    def _row_bytes(self) -> int:
+        return 0 if self.buffer is None else tensor_nbytes(self.buffer[0])
+
+    def _cell_bytes(self, cell: Any) -> int:
+        return tensor_nbytes(cell) if self.is_tensor else value_nbytes(cell)
+
+    def states(self, slots: torch.Tensor) -> torch.Tensor:
+        cap = self.state.numel()
+        if slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < cap):
+            return self.state[slots]
+        out = torch.zeros(slots.shape, dtype=torch.uint8)
+        ok = (slots >= 0) & (slots < cap)
+        out[ok] = self.state[slots[ok]]
+        return out
+
+    def first_missing(self, slots: torch.Tensor) -> int | None:
+        missing = (self.states(slots) == ABSENT).nonzero()
+        return int(missing[0]) if missing.numel() else None
+
+    def check_compatible(self, name: str, col: FieldData) -> None:
+        if col.is_tensor != self.is_tensor:
+            held = "tensors" if self.is_tensor else "non-tensor values"
+            raise SchemaError(f"field {name!r} holds {held} in this partition; got {col.kind}")
+        if col.is_tensor and col.dtype != self.dtype:
+            raise SchemaError(
+                f"field {name!r} holds dtype {self.dtype} in this partition; got {col.dtype}"
+            )
+
+    def bytes_at(self, slots: torch.Tensor) -> int:
+        """Bytes held at ``slots`` (unique)."""
+        st = self.states(slots)
+        nbytes = int((st == DENSE).sum()) * self._row_bytes()
+        if self.arena is not None:
+            nbytes += self.arena.nbytes_at(slots[st == JAGGED])
+        return nbytes + sum(self._cell_bytes(self.cells[s]) for s in slots[st == CELL].tolist())
+
+    def release(self, slots: torch.Tensor) -> int:
+        """Empty the cells at ``slots`` (unique); returns the bytes they held."""
+        st = self.states(slots)
+        held = st != ABSENT
+        n_dense = int((st == DENSE).sum())
+        freed = n_dense * self._row_bytes()
+        jagged = slots[st == JAGGED]
+        if self.arena is not None and jagged.numel():
+            freed += self.arena.release(jagged)
+        for s in slots[st == CELL].tolist():
+            freed += self._cell_bytes(self.cells.pop(s))
+        self.state[slots[held]] = ABSENT
+        self.count -= int(held.sum())
+        self.dense_count -= n_dense
+        self.jagged_count -= jagged.numel()
+        self.nbytes -= freed
+        return freed
+
+    def trim(self) -> None:
+        """Drop buffers no row uses (overwrites keep them, to reuse their pages)."""
+        if self.dense_count == 0:
+            self.buffer = None
+        if self.jagged_count == 0:
+            self.arena = None
+
+    def write(self, slots: torch.Tensor, col: FieldData) -> None:
+        """Store ``col`` at ``slots``, which must be empty (see :meth:`release`)."""
+        need = int(slots.max()) + 1
+        cap = self.state.numel()
+        if need > cap:
+            grown = torch.zeros(max(need, 2 * cap), dtype=torch.uint8)
+            grown[:cap] = self.state
+            self.state = grown
+        if col.kind == "dense":
+            self._write_dense(slots, col.data)
+        elif col.kind == "jagged" and col.lengths is not None:
+            self.jagged = True
+            self._write_jagged(slots, col.data, col.lengths)
+        elif col.kind == "rows":
+            self.jagged = True
+            self._write_cells(slots, [t.to("cpu", copy=True) for t in col.data])
+        else:
+            self._write_cells(slots, [copy_value(v) for v in col.data])
+        self.count += slots.numel()
+        self.nbytes += col.nbytes
+
+    def _write_dense(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        row_shape = tuple(data.shape[1:])
+        buf = self.buffer
+        fits = buf is None or tuple(buf.shape[1:]) == row_shape or self.dense_count == 0
+        if self.jagged or not fits:  # store these rows jagged (or one by one)
+            if data.dim() >= 2:
+                lengths = torch.full((data.shape[0],), data.shape[1], dtype=torch.int64)
+                self._write_jagged(slots, [data.flatten(0, 1)], lengths)
+            else:
+                self._write_cells(slots, list(data.to("cpu", copy=True).unbind(0)))
+            return
+        if buf is not None and tuple(buf.shape[1:]) != row_shape:
+            buf = None  # no row uses the old shape any more
+        self.buffer = buf = _fit(buf, int(slots.max()) + 1, row_shape, data.dtype)
+        _scatter(buf, slots, data)
+        self.state[slots] = DENSE
+        self.dense_count += slots.numel()
+
+    def _write_jagged(
+        self, slots: torch.Tensor, parts: list[torch.Tensor], lengths: torch.Tensor
+    ) -> None:
+        trail, dtype = tuple(parts[0].shape[1:]), parts[0].dtype
+        if self.arena is None or (self.jagged_count == 0 and not self.arena.accepts(trail, dtype)):
+            self.arena = JaggedArena(trail, dtype)
+        if not self.arena.accepts(trail, dtype):  # other rows hold another trailing shape
+            rows = torch.cat(parts).cpu().split(lengths.tolist())
+            self._write_cells(slots, list(rows))
+            return
+        live = (self.state == JAGGED).nonzero().squeeze(1)
+        self.arena.append(slots, parts, lengths, live)
+        self.state[slots] = JAGGED
+        self.jagged_count += slots.numel()
+
+    def _write_cells(self, slots: torch.Tensor, items: list[Any]) -> None:
+        for s, item in zip(slots.tolist(), items, strict=True):
+            self.cells[s] = item
+        self.state[slots] = CELL
+
+    def gather(self, slots: torch.Tensor) -> Any:
+        """Column of the cells at ``slots`` (all present), in the order of ``slots``."""
+        if not self.is_tensor:
+            return [copy_value(self.cells[s]) for s in slots.tolist()]
+        st = self.states(slots)
+        n = slots.numel()
+        if self.buffer is not None and not self.jagged and int((st == DENSE).sum()) == n:
+            return gather_dense(self.buffer, slots)
+        if self.arena is not None and int((st == JAGGED).sum()) == n:
+            values, offsets = self.arena.gather(slots)
+            lengths = offsets.diff()
+            if not self.jagged and n and bool((lengths == lengths[0]).all()):
+                return values.view(n, int(lengths[0]), *self.arena.trail)
+            return torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+        return self._gather_rows(slots, st)
+
+    def _gather_rows(self, slots: torch.Tensor, st: torch.Tensor) -> Any:
+        """Mixed storage: per-row tensors (stacked when the field is not jagged and they agree)."""
+        out: list[Any] = [None] * slots.numel()
+        if self.buffer is not None:
+            pos = (st == DENSE).nonzero().squeeze(1)
+            rows = gather_dense(self.buffer, slots[pos]).unbind(0)
+            for p, t in zip(pos.tolist(), rows, strict=True):
+                out[p] = t
+        if self.arena is not None:
+            pos = (st == JAGGED).nonzero().squeeze(1)
+            values, offsets = self.arena.gather(slots[pos])
+            for p, t in zip(pos.tolist(), values.split(offsets.diff().tolist()), strict=True):
+                out[p] = t
+        slot_list = slots.tolist()
+        for p in (st == CELL).nonzero().squeeze(1).tolist():
+            out[p] = self.cells[slot_list[p]]
+        if not self.jagged and out and all(t.shape == out[0].shape for t in out):
+            return torch.stack(out)
+        return out

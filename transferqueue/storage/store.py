@@ -1,0 +1,281 @@
+"""Columnar storage of one storage unit: cells ``(partition, row, field)``.
+
+Pure and synchronous (no asyncio, no I/O); the :class:`~transferqueue.storage.unit.StorageUnit`
+actor is a thin shell around one :class:`Store`.
+
+Columns on write (``rows`` is a list or 1-D integer tensor of partition-local row ids,
+unique, ``>= 0``; every column has ``len(rows)`` entries):
+
+* a dense tensor ``(len(rows), *row_shape)`` -- a fixed-shape field;
+* a jagged nested tensor (``layout=torch.jagged``) or a list of tensors, one per row -- a
+  *jagged* field: reads return it per row even when the requested rows happen to agree;
+* a list of plain Python values (str, dict, numbers, None, ...) -- a non-tensor field.
+
+Columns on read (``read`` returns ``{field: column}`` in the requested row order):
+
+* ``torch.Tensor`` ``(len(rows), *row_shape)`` for a field never written per row whose
+  requested rows share one shape -- one ``index_select`` (or slice copy) per field;
+* a jagged nested tensor (``torch.nested.nested_tensor_from_jagged``) for a field written
+  per row (list or nested tensor), also when the requested rows happen to agree -- one
+  gather of its packed values;
+* ``list[torch.Tensor]`` in the rare mixed cases: rows differing in ndim or trailing dims,
+  or a dense field some of whose rows were rewritten with another shape. Entries may share
+  memory with the store: treat them as read-only;
+* ``list`` of values for a non-tensor field (mutable values are copied).
+
+Layout: a partition maps row -> slot densely (free slots of cleared rows are reused). Each
+field keeps (see :mod:`._field`) a contiguous buffer ``(slots, *row_shape)`` for fixed-shape
+rows, grown geometrically; a packed values buffer + (start, length) per slot for jagged rows
+(:mod:`._arena`); and a per-slot dict for non-tensor values and odd shapes. A dense write of a
+new shape replaces the buffer when no other row uses the old one, else goes to the jagged
+buffer.
+
+Writes copy their data (CUDA tensors end up on the host). ``capacity_bytes`` bounds the stored
+data bytes (tensor ``numel * element_size``; ``len`` of str/bytes, ``sys.getsizeof`` of other
+values); a write that would exceed it raises :class:`StorageFullError` and writes nothing. Bad
+input raises :class:`SchemaError` and writes nothing: wrong column length, a tensor dtype other
+than the one the field holds, tensor vs non-tensor mixups, duplicate or negative rows.
+Reading an unknown partition raises :class:`PartitionNotFoundError`; a missing cell a
+``KeyError`` naming the row and field. Clearing a partition drops its buffers; clearing rows
+frees their slots for reuse, and a field or partition left empty is dropped.
+
+``write`` = ``prepare_write`` (validate, no state change) + ``check_capacity(plan.nbytes)`` +
+``apply_write(plan)``; callers splitting them must not let the store change in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from transferqueue.errors import PartitionNotFoundError, SchemaError, StorageFullError
+from transferqueue.storage._field import Field, FieldData, as_rows
+
+Column = torch.Tensor | list[Any]
+
+__all__ = ["Column", "Store", "WritePlan"]
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """A validated write; ``nbytes`` is the net change of stored bytes it causes."""
+
+    partition_id: str
+    rows: torch.Tensor
+    columns: dict[str, FieldData]
+    nbytes: int
+
+
+class _Partition:
+    """Row -> slot map of one partition plus its fields."""
+
+    def __init__(self) -> None:
+        self.row_to_slot = torch.full((0,), -1, dtype=torch.int64)
+        self.free: list[int] = []
+        self.next_slot = 0
+        self.live = 0
+        self.fields: dict[str, Field] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.fields.values())
+
+    def slots_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Slots of ``rows``; -1 for rows this partition does not hold."""
+        size = self.row_to_slot.numel()
+        if rows.numel() == 0 or int(rows.max()) < size:
+            return self.row_to_slot[rows]
+        out = torch.full_like(rows, -1)
+        known = rows < size
+        out[known] = self.row_to_slot[rows[known]]
+        return out
+
+    def assign_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Slots of ``rows``, giving free or fresh slots to rows not held yet."""
+        slots = self.slots_of(rows)
+        new = (slots < 0).nonzero().squeeze(1)
+        k = new.numel()
+        if k == 0:
+            return slots
+        take = min(k, len(self.free))
+        reused = self.free[len(self.free) - take :]
+        del self.free[len(self.free) - take :]
+        fresh = torch.arange(self.next_slot, self.next_slot + k - take, dtype=torch.int64)
+        self.next_slot += k - take
+        new_slots = torch.cat([torch.tensor(reused, dtype=torch.int64), fresh])
+        slots[new] = new_slots
+        new_rows = rows[new]
+        need = int(new_rows.max()) + 1
+        size = self.row_to_slot.numel()
+        if need > size:
+            grown = torch.full((max(need, 2 * size),), -1, dtype=torch.int64)
+            grown[:size] = self.row_to_slot
+            self.row_to_slot = grown
+        self.row_to_slot[new_rows] = new_slots
+        self.live += k
+        return slots
+
+    def clear(self, rows: torch.Tensor) -> int:
+        """Drop ``rows`` (unique) and their cells; returns the bytes freed."""
+        slots = self.slots_of(rows)
+        held = slots >= 0
+        rows, slots = rows[held], slots[held]
+        if rows.numel() == 0:
+            return 0
+        freed = 0
+        for name in list(self.fields):
+            field = self.fields[name]
+            freed += field.release(slots)
+            field.trim()
+            if field.count == 0:
+                del self.fields[name]
+        self.row_to_slot[rows] = -1
+        self.free.extend(slots.tolist())
+        self.live -= rows.numel()
+        return freed
+
+
+class Store:
+    """Cells ``(partition, row, field)`` of one storage unit; see the module docstring."""
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise SchemaError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
+        self.capacity_bytes = capacity_bytes
+        self._partitions: dict[str, _Partition] = {}
+        self._nbytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Stored data bytes, over all partitions."""
+        return self._nbytes
+
+    def fits(self, incoming_bytes: int) -> bool:
+        cap = self.capacity_bytes
+        return cap is None or self._nbytes + incoming_bytes <= cap
+
+    def check_capacity(self, incoming_bytes: int) -> None:
+        """Raise :class:`StorageFullError` if ``incoming_bytes`` more would not fit."""
+        if self.fits(incoming_bytes):
+            return
+        cap = self.capacity_bytes
+        raise StorageFullError(
+            f"storage unit full: the write needs {incoming_bytes} more bytes, "
+            f"{self._nbytes} of {cap} bytes are in use ({cap - self._nbytes if cap else 0} "
+            f"free); clear consumed samples or partitions, or raise storage.capacity_bytes"
+        )
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def prepare_write(self, partition_id: str, rows: Any, columns: dict[str, Any]) -> WritePlan:
+        """Validate a write and compute its net size; changes nothing."""
+        rows_t = as_rows(rows, unique=True)
+        n = rows_t.numel()
+        if not isinstance(columns, dict):
+            raise SchemaError(f"columns must be a dict of field -> column, got {type(columns)}")
+        cols = {
+            str(name): FieldData.from_column(str(name), col, n) for name, col in columns.items()
+        }
+        nbytes = sum(c.nbytes for c in cols.values())
+        part = self._partitions.get(partition_id)
+        if part is not None and n:
+            slots = part.slots_of(rows_t)
+            for name, col in cols.items():
+                field = part.fields.get(name)
+                if field is not None:
+                    field.check_compatible(name, col)
+                    nbytes -= field.bytes_at(slots)
+        return WritePlan(partition_id, rows_t, cols, nbytes)
+
+    def apply_write(self, plan: WritePlan) -> None:
+        """Store a plan from :meth:`prepare_write` (the store must not have changed since)."""
+        if plan.rows.numel() == 0 or not plan.columns:
+            return
+        part = self._partitions.get(plan.partition_id)
+        if part is None:
+            part = self._partitions[plan.partition_id] = _Partition()
+        slots = part.assign_slots(plan.rows)
+        for name, col in plan.columns.items():
+            field = part.fields.get(name)
+            if field is None:
+                field = part.fields[name] = Field(col.is_tensor, col.dtype)
+            freed = field.release(slots)
+            field.write(slots, col)
+            self._nbytes += col.nbytes - freed
+
+    def write(self, partition_id: str, rows: Any, columns: dict[str, Any]) -> None:
+        """Write ``columns`` into ``rows`` of ``partition_id``: all of it, or nothing."""
+        plan = self.prepare_write(partition_id, rows, columns)
+        self.check_capacity(plan.nbytes)
+        self.apply_write(plan)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def read(self, partition_id: str, rows: Any, fields: list[str]) -> dict[str, Column]:
+        """Columns of ``fields`` for ``rows``, in the order of ``rows``."""
+        part = self._partitions.get(partition_id)
+        if part is None:
+            raise PartitionNotFoundError(
+                f"partition {partition_id!r} has no data in this storage unit "
+                "(never written, or cleared)"
+            )
+        rows_t = as_rows(rows, unique=False)
+        slots = part.slots_of(rows_t)
+        out: dict[str, Column] = {}
+        for name in fields:
+            field = part.fields.get(name)
+            if field is None:
+                raise KeyError(
+                    f"field {name!r} is not stored for partition {partition_id!r} "
+                    f"in this storage unit (fields here: {sorted(part.fields)})"
+                )
+            missing = field.first_missing(slots)
+            if missing is not None:
+                row = int(rows_t[missing])
+                raise KeyError(
+                    f"row {row} of partition {partition_id!r} has no field {name!r} "
+                    "in this storage unit (never written, or cleared)"
+                )
+            out[name] = field.gather(slots)
+        return out
+
+    def fields(self, partition_id: str) -> list[str]:
+        """Names of the fields stored for ``partition_id`` ([] for an unknown partition)."""
+        part = self._partitions.get(partition_id)
+        return [] if part is None else list(part.fields)
+
+    def partition_ids(self) -> list[str]:
+        return list(self._partitions)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """``{partition: {"rows": int, "fields": [str], "nbytes": int}}``."""
+        return {
+            pid: {"rows": p.live, "fields": list(p.fields), "nbytes": p.nbytes}
+            for pid, p in self._partitions.items()
+        }
+
+    # ---- clearing ------------------------------------------------------------------------
+
+    def clear_rows(self, partition_id: str, rows: Any) -> int:
+        """Drop every cell of ``rows``; unknown rows are ignored. Returns the bytes freed."""
+        part = self._partitions.get(partition_id)
+        if part is None:
+            return 0
+        rows_t = torch.unique(as_rows(rows, unique=False))
+        freed = part.clear(rows_t)
+        self._nbytes -= freed
+        if part.live == 0:
+            del self._partitions[partition_id]
+        return freed
+
+    def clear_partition(self, partition_id: str) -> int:
+        """Drop the partition and its buffers (idempotent). Returns the bytes freed."""
+        part = self._partitions.pop(partition_id, None)
+        if part is None:
+            return 0
+        freed = part.nbytes
+        part.fields.clear()
+        self._nbytes -= freed
+        return freed

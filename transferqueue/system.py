@@ -1,0 +1,181 @@
+"""Starting, attaching to and stopping a transferqueue system; the default client.
+
+``tq.init(config)`` starts a controller and ``storage.units`` storage units on the
+configured transport and returns the effective config, which names the running system.
+Handing that config to ``tq.init`` in another process attaches to the same system instead
+of starting a second one. Only the process that started a system stops it on
+``tq.close()``; other processes just disconnect.
+
+The one module-level singleton of the library lives here: the default system behind
+``tq.init`` / ``tq.get_client()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import os
+import threading
+from typing import Any
+
+from transferqueue.actor import ActorRef, Address
+from transferqueue.client import AsyncTransferQueueClient, TransferQueueClient
+from transferqueue.config import Config, apply_env, load_config
+from transferqueue.controller.actor import ControllerActor
+from transferqueue.errors import ConfigError, NotInitializedError, TransportUnavailableError
+from transferqueue.loop import runtime_loop
+from transferqueue.storage.unit import StorageUnit
+from transferqueue.transports import transport_class
+from transferqueue.transports.base import ActorHandle
+
+
+class System:
+    """A started or attached system: its config, client and (for the owner) actor handles."""
+
+    def __init__(self, config: Config, handles: list[ActorHandle]) -> None:
+        self.config = config
+        self.handles = handles
+        self.pid = os.getpid()
+        info = config.system or {}
+        controller = ActorRef(Address.from_plain(info["controller"]), config)
+        units = [ActorRef(Address.from_plain(u), config) for u in info["units"]]
+        self.async_client = AsyncTransferQueueClient(controller, units, config)
+        self.client = TransferQueueClient(self.async_client)
+
+    @property
+    def is_owner(self) -> bool:
+        return bool(self.handles)
+
+    async def aclose(self) -> None:
+        await self.async_client.close()
+        await asyncio.gather(*(h.stop() for h in self.handles))
+        self.handles = []
+
+
+async def start_system(config: Config) -> System:
+    """Spawn a controller and the storage units on ``config.transport``."""
+    transport = transport_class(config.transport)(config)
+    n = config.storage.units
+    capacity = config.storage.capacity_bytes
+    share = None if capacity is None else max(1, capacity // n)
+    controller_name = "controller" if config.transport == "ray" else None
+    spawned = await asyncio.gather(
+        transport.spawn(
+            ControllerActor,
+            (config.controller.pre_allocate, config.controller.sampler),
+            name=controller_name,
+        ),
+        *(
+            transport.spawn(StorageUnit, (i, n, share, config.storage.block_when_full))
+            for i in range(n)
+        ),
+        return_exceptions=True,
+    )
+    handles = [h for h in spawned if isinstance(h, ActorHandle)]
+    failures = [e for e in spawned if isinstance(e, BaseException)]
+    if failures:
+        await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
+        raise failures[0]
+    info = {
+        "controller": handles[0].ref.address.to_plain(),
+        "units": [h.ref.address.to_plain() for h in handles[1:]],
+        "owner_pid": os.getpid(),
+    }
+    await handles[0].ref.call("set_system", info)
+    return System(dataclasses.replace(config, system=info), handles)
+
+
+def attach_system(config: Config) -> System:
+    info = config.system
+    if info is None:
+        raise ConfigError("config.system is empty: there is no running system to attach to")
+    if "units" not in info:  # only the controller's address: ask it for the rest
+        controller = info["controller"]
+        if isinstance(controller, str):
+            controller = {"transport": config.transport, "endpoint": controller}
+        ref = ActorRef(Address.from_plain(controller), config)
+        try:
+            info = runtime_loop().run(ref.call("system_info"))
+        finally:
+            runtime_loop().run(ref.aclose())
+        config = dataclasses.replace(config, system=info)
+    if config.transport == "inproc" and info.get("owner_pid") != os.getpid():
+        raise TransportUnavailableError(
+            "an inproc transferqueue system cannot be reached from another process; "
+            "start it with tq.init({'transport': 'zmq'}) or {'transport': 'ray'} to share it"
+        )
+    return System(config, [])
+
+
+def _find_named_ray_system(config: Config) -> Config | None:
+    """On ray, a controller started by init is a named actor: attach to it if it exists."""
+    if config.transport != "ray":
+        return None
+    from transferqueue.transports.ray import find_named
+
+    address = find_named("controller", config)
+    if address is None:
+        return None
+    ref = ActorRef(address, config)
+    try:
+        info = runtime_loop().run(ref.call("system_info"))
+    finally:
+        runtime_loop().run(ref.aclose())
+    return dataclasses.replace(config, system=info)
+
+
+_lock = threading.Lock()
+_default: System | None = None
+
+
+def init(config: Config | Any = None) -> Config:
+    """Start the system ``config`` asks for (inproc by default), or attach to the one it
+    names; make it this process's default. Returns the effective config."""
+    global _default
+    with _lock:
+        if _default is not None and _default.pid == os.getpid():
+            if config is None or load_config(config).system == _default.config.system:
+                return _default.config
+            raise ConfigError(
+                "transferqueue is already initialised in this process; call tq.close() first"
+            )
+        if isinstance(config, str):  # the address printed by `python -m transferqueue serve`
+            config = {"transport": "zmq", "system": {"controller": config}}
+        cfg = apply_env(load_config(config))
+        if cfg.system is None:
+            cfg = _find_named_ray_system(cfg) or cfg
+        if cfg.system is not None:
+            _default = attach_system(cfg)
+        else:
+            _default = runtime_loop().run(start_system(cfg))
+        return _default.config
+
+
+def current() -> System:
+    if _default is None or _default.pid != os.getpid():
+        raise NotInitializedError("call tq.init() first (in this process)")
+    return _default
+
+
+def get_client() -> TransferQueueClient:
+    """The synchronous client of the default system."""
+    return current().client
+
+
+def get_async_client() -> AsyncTransferQueueClient:
+    """The async client of the default system."""
+    return current().async_client
+
+
+def close() -> None:
+    """Disconnect from the default system; stop it if this process started it."""
+    global _default
+    with _lock:
+        system, _default = _default, None
+    if system is None or system.pid != os.getpid():
+        return
+    runtime_loop().run(system.aclose())
+
+
+atexit.register(close)

@@ -1,0 +1,139 @@
+"""In-process transport: actors run on the runtime's background loop thread.
+
+Callable from any thread or event loop of the process that hosts them. With
+``runtime.inproc_codec`` (the default) every request and reply goes through the codec, so
+a payload the other transports cannot carry is rejected here too. Errors always travel in
+their wire form, so their types behave exactly as on zmq and ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from transferqueue import codec
+from transferqueue.actor import ActorRef, Address, Dispatcher, error_from_wire, error_to_wire
+from transferqueue.config import Config
+from transferqueue.errors import ActorClosedError, TransportUnavailableError
+from transferqueue.loop import LoopThread, runtime_loop
+from transferqueue.transports.base import ActorHandle, Channel, Transport
+
+_ids = itertools.count()
+_hosted: dict[str, _Hosted] = {}
+_hosted_lock = threading.Lock()
+
+
+class _Hosted:
+    def __init__(self, actor: Any, loop_thread: LoopThread) -> None:
+        self.dispatcher = Dispatcher(actor)
+        self.loop_thread = loop_thread
+        self.pid = os.getpid()
+        self.stopped = False
+
+
+def _roundtrip(obj: Any) -> Any:
+    return codec.decode(codec.encode(obj))
+
+
+async def _serve(hosted: _Hosted, method: str, args: Any, kwargs: Any, check: bool) -> Any:
+    """Runs on the actor's loop. Returns ("ok", result) or ("err", wire error)."""
+    try:
+        if hosted.stopped:
+            raise ActorClosedError("the actor was stopped by its owner")
+        if check:
+            args, kwargs = _roundtrip([list(args), dict(kwargs)])
+        result = await hosted.dispatcher.handle(method, args, kwargs)
+        return ("ok", _roundtrip(result) if check else result)
+    except Exception as exc:
+        return ("err", error_to_wire(exc))
+
+
+class InprocChannel(Channel):
+    def __init__(self, hosted: _Hosted, config: Config) -> None:
+        self._hosted = hosted
+        self._check = config.runtime.inproc_codec
+
+    async def request(
+        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], timeout: float | None
+    ) -> Any:
+        if self._check:  # fail in the caller, as an encode error would on zmq
+            codec.encode([list(args), dict(kwargs)])
+        coro = _serve(self._hosted, method, args, kwargs, self._check)
+        loop = self._hosted.loop_thread.loop
+        if asyncio.get_running_loop() is loop:
+            fut: Any = asyncio.ensure_future(coro)
+        else:
+            fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        try:
+            status, value = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"call {method!r} got no reply within {timeout} s") from None
+        if status == "err":
+            raise error_from_wire(value)
+        return value
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _InprocHandle(ActorHandle):
+    def __init__(self, key: str, hosted: _Hosted, ref: ActorRef) -> None:
+        self._key = key
+        self._hosted = hosted
+        self.ref = ref
+
+    async def stop(self) -> None:
+        if self._hosted.stopped:
+            return
+        self._hosted.stopped = True
+        with _hosted_lock:
+            _hosted.pop(self._key, None)
+        loop = self._hosted.loop_thread.loop
+        coro = self._hosted.dispatcher.stop()
+        if asyncio.get_running_loop() is loop:
+            await coro
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+class InprocTransport(Transport):
+    name = "inproc"
+
+    async def spawn(
+        self,
+        target: type,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+    ) -> ActorHandle:
+        loop_thread = runtime_loop()
+        actor = target(*args, **dict(kwargs or {}))
+        hosted = _Hosted(actor, loop_thread)
+        start = hosted.dispatcher.start()
+        if asyncio.get_running_loop() is loop_thread.loop:
+            await start
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start, loop_thread.loop))
+        key = f"{name or target.__name__}-{next(_ids)}"
+        with _hosted_lock:
+            _hosted[key] = hosted
+        ref = ActorRef(Address("inproc", key, pid=os.getpid()), self.config)
+        return _InprocHandle(key, hosted, ref)
+
+    @classmethod
+    def connect(cls, address: Address, config: Config) -> Channel:
+        if address.pid != os.getpid():
+            raise TransportUnavailableError(
+                "an inproc transferqueue system cannot be reached from another process; "
+                "start it with transport 'zmq' or 'ray' to share it across processes"
+            )
+        with _hosted_lock:
+            hosted = _hosted.get(address.endpoint)
+        if hosted is None:
+            raise ActorClosedError(f"no inproc actor {address.endpoint!r}: it was stopped")
+        return InprocChannel(hosted, config)
