@@ -34,11 +34,11 @@ def tests(session: nox.Session, transport: str) -> None:
 @nox.session(venv_params=VENV_PARAMS)
 def lint(session: nox.Session) -> None:
     install(session)
-    session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", ".")
+    session.run("python", "-m", "ruff", "check", ".")
+    session.run("python", "-m", "ruff", "format", "--check", ".")
 
 
 @nox.session(venv_params=VENV_PARAMS)
 def typecheck(session: nox.Session) -> None:
     install(session)
-    session.run("mypy")
+    session.run("python", "-m", "mypy")

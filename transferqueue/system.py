@@ -100,6 +100,7 @@ def attach_system(config: Config) -> System:
         finally:
             runtime_loop().run(ref.aclose())
         config = dataclasses.replace(config, system=info)
+    transport_class(config.transport)  # a clear error when its dependency is missing
     if config.transport == "inproc" and info.get("owner_pid") != os.getpid():
         raise TransportUnavailableError(
             "an inproc transferqueue system cannot be reached from another process; "
@@ -112,9 +113,8 @@ def _find_named_ray_system(config: Config) -> Config | None:
     """On ray, a controller started by init is a named actor: attach to it if it exists."""
     if config.transport != "ray":
         return None
-    from transferqueue.transports.ray import find_named
-
-    address = find_named("controller", config)
+    ray_transport: Any = transport_class("ray")  # a clear error when ray is not installed
+    address = ray_transport.find_named("controller", config)
     if address is None:
         return None
     ref = ActorRef(address, config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -21,8 +22,31 @@ from ray.exceptions import RayActorError
 from transferqueue import codec
 from transferqueue.actor import ActorRef, Address, Dispatcher, error_from_wire, error_to_wire
 from transferqueue.config import Config
-from transferqueue.errors import ActorClosedError, ActorDiedError
+from transferqueue.errors import (
+    ActorClosedError,
+    ActorDiedError,
+    TransportUnavailableError,
+)
 from transferqueue.transports.base import ActorHandle, Channel, Transport
+
+_forked_with_ray = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_with_ray
+    _forked_with_ray = _forked_with_ray or ray.is_initialized()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_not_forked() -> None:
+    if _forked_with_ray:
+        raise TransportUnavailableError(
+            "this process was forked from one connected to Ray, and Ray cannot be used after a "
+            "fork: start worker processes with the spawn method (for a DataLoader: "
+            "multiprocessing_context='spawn')"
+        )
 
 
 def _to_ray(frames: list[Any]) -> list[Any]:
@@ -60,6 +84,7 @@ class _RayHost:
 
 
 def _ensure_ray(namespace: str) -> None:
+    _check_not_forked()
     if not ray.is_initialized():
         ray.init(address="auto", namespace=namespace, log_to_driver=False)
 
@@ -155,6 +180,10 @@ class RayTransport(Transport):
     @classmethod
     def connect(cls, address: Address, config: Config) -> Channel:
         return RayChannel(address)
+
+    @staticmethod
+    def find_named(name: str, config: Config) -> Address | None:
+        return find_named(name, config)
 
 
 def _ensure_ray_started(namespace: str) -> None:

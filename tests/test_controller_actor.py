@@ -1,0 +1,109 @@
+"""The controller through the client, on every transport: waiting, ending, sharing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from transferqueue.errors import PartitionNotFoundError, SamplerError
+
+
+async def drain(aclient, pid: str, task: str, batch_size: int, fields=("a",)) -> list[int]:
+    rows: list[int] = []
+    while True:
+        meta = await aclient.get_meta(list(fields), batch_size, pid, task, timeout=60)
+        if not meta.rows:
+            return rows
+        rows += meta.rows
+
+
+async def test_expected_size_consumer_gets_exactly_n_then_ends(aclient, pid) -> None:
+    n = 50
+    await aclient.create_partition(pid, expected_size=n)
+    consumer = asyncio.ensure_future(drain(aclient, pid, "train", 8))
+    for start in range(0, n, 7):  # producers arrive after the consumer started
+        k = min(7, n - start)
+        await aclient.put({"a": torch.arange(start, start + k)}, partition_id=pid)
+    rows = await consumer
+    assert sorted(rows) == list(range(n))
+    assert await aclient.check_consumption_status("train", pid)
+
+
+async def test_32_concurrent_consumers_get_disjoint_rows(aclient, pid) -> None:
+    n = 640
+    await aclient.create_partition(pid, expected_size=n)
+    consumers = [asyncio.ensure_future(drain(aclient, pid, "train", 5)) for _ in range(32)]
+    for start in range(0, n, 64):
+        await aclient.put({"a": torch.arange(start, start + 64)}, partition_id=pid)
+    results = await asyncio.gather(*consumers)
+    everything = [r for rows in results for r in rows]
+    assert len(everything) == n and sorted(everything) == list(range(n))
+
+
+async def test_rows_waiting_for_a_later_field_keep_the_consumer_waiting(aclient, pid) -> None:
+    meta = await aclient.put({"prompt": torch.arange(4)}, partition_id=pid)
+    await aclient.seal(pid)
+    consumer = asyncio.ensure_future(drain(aclient, pid, "train", 4, ("prompt", "response")))
+    first = await aclient.get_meta(["prompt"], 4, pid, "rollout")
+    assert not consumer.done()
+    await aclient.put({"response": torch.arange(4) * 2}, metadata=first)
+    assert sorted(await consumer) == meta.rows
+
+
+async def test_wait_false_timeout_and_clear_while_waiting(aclient, pid) -> None:
+    empty = await aclient.get_meta(["a"], 4, pid, "t", wait=False)
+    assert empty.rows == []
+    with pytest.raises(TimeoutError):
+        await aclient.get_meta(["a"], 4, pid, "t", timeout=0.1)
+    waiter = asyncio.ensure_future(aclient.get_meta(["a"], 4, pid, "t", timeout=60))
+    await aclient.put({"a": torch.arange(2)}, partition_id=pid)  # not enough: still waiting
+    await aclient.clear_partition(pid)
+    with pytest.raises(PartitionNotFoundError):
+        await waiter
+    # a later put creates the partition afresh
+    meta = await aclient.put({"a": torch.arange(4)}, partition_id=pid)
+    assert meta.rows == [0, 1, 2, 3]
+
+
+async def test_seal_short_ends_with_final_partial_batch(aclient, pid) -> None:
+    await aclient.create_partition(pid, expected_size=10)
+    await aclient.put({"a": torch.arange(3)}, partition_id=pid)
+    waiter = asyncio.ensure_future(aclient.get_meta(["a"], 8, pid, "t", timeout=60))
+    await aclient.seal(pid)
+    assert (await waiter).rows == [0, 1, 2]
+    assert (await aclient.get_meta(["a"], 8, pid, "t")).rows == []
+
+
+async def test_reset_consumption_replays(aclient, pid) -> None:
+    await aclient.put({"a": torch.arange(4)}, partition_id=pid)
+    await aclient.seal(pid)
+    assert sorted(await drain(aclient, pid, "t", 3)) == [0, 1, 2, 3]
+    await aclient.reset_consumption(pid, "t")
+    assert sorted(await drain(aclient, pid, "t", 3)) == [0, 1, 2, 3]
+
+
+async def test_status_queries_count_pending_slots(aclient, pid) -> None:
+    await aclient.create_partition(pid, expected_size=4)
+    await aclient.put({"a": torch.arange(2)}, partition_id=pid)
+    rows, produced = await aclient.get_production_status(["a"], pid)
+    assert rows.tolist() == [0, 1, 2, 3] and produced[:, 0].tolist() == [True, True, False, False]
+    assert not await aclient.check_production_status(["a"], pid)
+    rows, consumed = await aclient.get_consumption_status("t", pid)
+    assert consumed.tolist() == [False] * 4
+    info = await aclient.partition_info(pid)
+    assert (info.size, info.expected_size, info.sealed, info.produced) == (4, 4, False, {"a": 2})
+    assert pid in await aclient.list_partitions()
+
+
+async def test_grpo_groups_by_tag(aclient, pid) -> None:
+    tags = [{"uid": u} for u in (0, 1, 0, 1, 2, 2)]
+    await aclient.put({"a": torch.arange(6)}, partition_id=pid, tags=tags)
+    from transferqueue.controller.samplers import GRPOGroupNSampler  # noqa: F401
+
+    # the session system runs the sequential sampler; a bad sampling_config key is refused
+    with pytest.raises((SamplerError, ValueError)):
+        await aclient.get_meta(["a"], 4, pid, "t", {"task_name": "x"})
+    meta = await aclient.get_meta(["a"], 6, pid, "t")
+    assert [t["uid"] for t in meta.tags] == [0, 1, 0, 1, 2, 2]
