@@ -89,6 +89,8 @@ class ActorRef:
             self._channels = {}
             self._pid = os.getpid()
         loop = asyncio.get_running_loop()
+        for dead in [lp for lp in self._channels if lp.is_closed()]:
+            del self._channels[dead]  # its channel releases its sockets when collected
         channel = self._channels.get(loop)
         if channel is None:
             from transferqueue.transports import transport_class
@@ -107,8 +109,14 @@ class ActorRef:
     async def aclose(self) -> None:
         """Close this ref's connection in the running event loop (others close with it)."""
         channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.aclose()
+        current = asyncio.get_running_loop()
+        for loop, channel in channels.items():
+            if loop is current:
+                await channel.aclose()
+            elif not loop.is_closed() and loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(channel.aclose(), loop)
+                await asyncio.wrap_future(fut)
+            # a channel of a closed loop releases its sockets when collected
 
 
 class Dispatcher:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -142,6 +143,14 @@ class ZmqChannel(Channel):
         finally:
             self._pending.pop(rid, None)
 
+    def __del__(self) -> None:
+        # a channel whose event loop ended without aclose(): release the sockets quietly
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            for sock in (self._monitor, self._sock):
+                with contextlib.suppress(Exception):
+                    sock.close(linger=0)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -238,16 +247,8 @@ async def _host(spec: dict[str, Any]) -> None:
     sock.close(linger=0)
     ctx.term()
     if endpoint.startswith("ipc://"):
-        with _suppress_oserror():
+        with contextlib.suppress(OSError):
             os.unlink(endpoint[len("ipc://") :])
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -289,7 +290,7 @@ class _ZmqHandle(ActorHandle):
     def _terminate(self) -> None:
         proc = self._proc
         if proc.stdin is not None:
-            with _suppress_oserror():
+            with contextlib.suppress(OSError):
                 proc.stdin.close()
         try:
             proc.wait(timeout=10)
@@ -320,7 +321,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
     for pipe in (proc.stdin, proc.stdout):
         if pipe is not None:
-            with _suppress_oserror():
+            with contextlib.suppress(OSError):
                 pipe.close()
 
 
