@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -202,3 +203,26 @@ def test_serve_command_prints_an_address_clients_attach_to(python_env) -> None:
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+class _FrozenMapping(Mapping):
+    """A Mapping that is not a dict (the shape of OmegaConf's DictConfig)."""
+
+    def __init__(self, data: dict) -> None:
+        self._data = {k: _FrozenMapping(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def test_config_from_any_mapping() -> None:
+    config = load_config(_FrozenMapping({"transport": "zmq", "storage": {"units": 3}}))
+    assert config.transport == "zmq" and config.storage.units == 3
+    with pytest.raises(ConfigError, match=r"unknown config key 'storage\.nope'"):
+        load_config(_FrozenMapping({"storage": {"nope": 1}}))
