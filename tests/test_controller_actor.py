@@ -107,3 +107,13 @@ async def test_grpo_groups_by_tag(aclient, pid) -> None:
         await aclient.get_meta(["a"], 4, pid, "t", {"task_name": "x"})
     meta = await aclient.get_meta(["a"], 6, pid, "t")
     assert [t["uid"] for t in meta.tags] == [0, 1, 0, 1, 2, 2]
+
+
+async def test_waiters_of_one_task_are_served_in_arrival_order(aclient, pid) -> None:
+    waiters = [
+        asyncio.ensure_future(aclient.get_meta(["a"], 2, pid, "t", timeout=60)) for _ in range(3)
+    ]
+    await aclient.get_meta(["a"], 1, pid, "other", wait=False)  # the waiters' requests are in
+    for start in (0, 2, 4):
+        await aclient.put({"a": torch.arange(start, start + 2)}, partition_id=pid)
+    assert [sorted((await w).rows) for w in waiters] == [[0, 1], [2, 3], [4, 5]]
