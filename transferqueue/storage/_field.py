@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from transferqueue.errors import SchemaError
-from transferqueue.storage._arena import JaggedArena, gather_dense, is_range
+from transferqueue.storage._arena import JaggedArena, gather_dense, is_range, word_rows
 
 ABSENT, DENSE, JAGGED, CELL = 0, 1, 2, 3
 MAX_ROW = 2**31 - 1
@@ -85,9 +85,7 @@ def _scatter(buffer: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> No
         return
     if buffer[0].numel() == 0:
         return
-    dst = buffer.view(buffer.shape[0], -1).view(torch.uint8)
-    data = src.to("cpu").contiguous().view(n, -1).view(torch.uint8)
-    dst.index_copy_(0, slots, data)
+    word_rows(buffer).index_copy_(0, slots, word_rows(src.to("cpu").contiguous()))
 
 
 def _fit(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from transferqueue.errors import ConfigError, SchemaError
-from transferqueue.storage._arena import gather_jagged, offsets_of
+from transferqueue.storage._arena import gather_jagged, is_range, offsets_of, word_rows
 from transferqueue.storage._field import as_rows
 
 __all__ = ["assemble", "partition_offset", "split_rows", "take", "unit_for_row", "units_for_rows"]
@@ -93,7 +93,12 @@ def take(column: Any, positions: Any) -> Any:
         if column.is_nested:
             rows = column.unbind()
             return [rows[i] for i in pos.tolist()]
-        return column.index_select(0, pos.to(column.device))
+        if is_range(pos):  # a slice: no copy (the store copies on write)
+            return column[int(pos[0]) : int(pos[0]) + pos.numel()]
+        if column[0:1].numel() == 0 or not column.is_contiguous():
+            return column.index_select(0, pos.to(column.device))
+        words = word_rows(column).index_select(0, pos.to(column.device))
+        return words.view(torch.uint8).view(column.dtype).view(pos.numel(), *column.shape[1:])
     if isinstance(column, (list, tuple)):
         return [column[i] for i in pos.tolist()]
     raise SchemaError(f"cannot take rows of a {type(column).__name__} column")
@@ -117,10 +122,9 @@ def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Ten
     out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
     if out[0:1].numel() == 0:
         return out
-    dst = out.view(n, -1).view(torch.uint8)  # index_copy_ on bytes works for every dtype
+    dst = word_rows(out)  # index_copy_ on words works for every dtype
     for pos, col in pieces:
-        src = col.contiguous().view(col.shape[0], -1).view(torch.uint8)
-        dst.index_copy_(0, pos.to(out.device), src)
+        dst.index_copy_(0, pos.to(out.device), word_rows(col.contiguous()))
     return out
 
 
