@@ -1,0 +1,323 @@
+"""The data plane (issue 4): put / get / round-trip throughput of real batches.
+
+Workloads (GB = 1e9 bytes; the byte count is the payload: tensor bytes + UTF-8 string bytes):
+
+* dense: 5 fields of shape (B=1024, L) -- 3 int64, 2 float32 -- of 16, 128, 512 MiB in all
+  (``--quick``: 16, 128);
+* complex, 128 MiB: ``responses`` jagged int64 (B=2048 rows of random length, mean L),
+  ``prompts`` a list of B strings (~200 characters), ``reward`` a (B,) float32.
+
+Per transport (default config: 2 storage units):
+
+* zmq: a zmq system (controller and 2 units in processes of their own; started once per
+  run and shared by the benchmarks, see ``_common.zmq_config``); this process is the
+  producer, the consumer is a spawned process that attaches with the system's config. put = ``client.put`` returning in the
+  producer; get = ``get_meta(wait=True)`` + ``get_data`` in the consumer; round trip =
+  payload / (put + get). Medians over the repeats, after one warm-up.
+* inproc: producer and consumer are this one process (inproc cannot span processes);
+* ray (full run only, 128 MiB workloads, 2 repeats): as zmq, on a Ray cluster started here
+  with ``num_cpus=2`` (the consumer process joins it by address) and shut down after.
+
+Machine limits measured in the same run: a bare pyzmq DEALER -> ROUTER one-way transfer
+of the same frames (``codec.encode`` of the batch) to another process, answered by an
+empty frame; a single-thread ``copy_`` into pre-touched memory and into fresh pages (page
+faults: what any write into new buffers pays); the storage unit's ``Store`` alone
+(no actor, no codec) writing a new partition and reading it back shuffled.
+
+Also runnable alone: ``python benchmarks/bench_data.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from _common import BareZmq, MiB, fmt, p50, print_grid, rate, setup_path, zmq_config
+from tensordict import TensorDict
+
+import transferqueue as tq
+from transferqueue import codec
+
+DTYPES = [torch.int64, torch.int64, torch.int64, torch.float32, torch.float32]
+#: the public TransferQueue 0.1.11 on this machine (single storage unit), quoted in issue 4
+PUBLIC = {("dense 128 MiB", "zmq"): (1.5, 0.6), ("complex 128 MiB", "zmq"): (0.45, 0.45)}
+
+
+# ----------------------------------------------------------------- workloads
+def dense(mib: int) -> tuple[Any, int, int]:
+    """(batch, payload bytes, rows)."""
+    b = 1024
+    per_l = sum(torch.empty(0, dtype=d).element_size() for d in DTYPES)
+    length = (mib * MiB) // (b * per_l)
+    td = TensorDict(
+        {f"f{i}": torch.ones(b, length, dtype=d) for i, d in enumerate(DTYPES)}, batch_size=[b]
+    )
+    return td, sum(t.nbytes for t in td.values()), b
+
+
+def complex_batch(mib: int, b: int = 2048) -> tuple[Any, int, int]:
+    gen = torch.Generator().manual_seed(0)
+    prompts = [f"prompt {i}: " + "lorem ipsum " * 16 for i in range(b)]
+    text_bytes = sum(len(p.encode()) for p in prompts)
+    mean = max(1, (mib * MiB - text_bytes - 4 * b) // (8 * b))
+    lengths = torch.randint(mean // 2, mean * 3 // 2 + 1, (b,), generator=gen)
+    offsets = torch.zeros(b + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    values = torch.ones(int(offsets[-1]), dtype=torch.int64)
+    responses = torch.nested.nested_tensor_from_jagged(values, offsets)
+    reward = torch.rand(b, generator=gen)
+    batch = {"responses": responses, "prompts": prompts, "reward": reward}
+    return batch, values.nbytes + reward.nbytes + text_bytes, b
+
+
+def workloads(quick: bool) -> list[tuple[str, Any, int, int, int]]:
+    """(name, batch, payload bytes, rows, repeats)."""
+    out = []
+    for mib, reps in ((16, 5), (128, 3), (512, 2)):
+        if quick and mib > 128:
+            continue
+        batch, nbytes, rows = dense(mib)
+        out.append((f"dense {mib} MiB", batch, nbytes, rows, 2 if quick else reps))
+    batch, nbytes, rows = complex_batch(128)
+    out.append(("complex 128 MiB", batch, nbytes, rows, 2 if quick else 3))
+    return out
+
+
+def _fields(batch: Any) -> list[str]:
+    return list(batch.keys())
+
+
+# ----------------------------------------------------------------- machine limits
+def memcpy_gbps(nbytes: int, repeat: int, fresh: bool) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(repeat + 1):
+            t0 = time.perf_counter()
+            if fresh:
+                torch.empty_like(src).copy_(src)
+            else:
+                dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+        return rate(nbytes, p50(times[1:]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def store_gbps(batch: Any, nbytes: int, rows: int, repeat: int) -> tuple[float, float]:
+    """The Store alone: write into a new partition, read all rows back shuffled."""
+    from transferqueue.storage.store import Store
+
+    store = Store()
+    cols = dict(batch.items())
+    idx = list(range(rows))
+    shuffled = torch.randperm(rows).tolist()
+    w, r = [], []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        store.write("p", idx, cols)
+        t1 = time.perf_counter()
+        out = store.read("p", shuffled, list(cols))
+        t2 = time.perf_counter()
+        del out
+        store.clear_partition("p")
+        w.append(t1 - t0)
+        r.append(t2 - t1)
+    return rate(nbytes, p50(w[1:])), rate(nbytes, p50(r[1:]))
+
+
+# ----------------------------------------------------------------- transports
+def _measure(
+    client: Any, get: Any, bare: BareZmq | None, tag: str, work: list[tuple[Any, ...]]
+) -> dict[str, dict[str, float]]:
+    """Per workload: median put / get / bare seconds (first repeat is a warm-up)."""
+    out = {}
+    for name, batch, nbytes, rows, reps in work:
+        frames = codec.encode(dict(batch.items())) if bare is not None else None
+        puts, gets, bares = [], [], []
+        for i in range(reps + 1):
+            pid = f"{tag}-{name}-{i}"
+            t0 = time.perf_counter()
+            client.put(batch, partition_id=pid)
+            t_put = time.perf_counter() - t0
+            t_get, got = get(pid, _fields(batch), rows)
+            if got != rows:
+                raise RuntimeError(f"{name}: the consumer got {got} rows, expected {rows}")
+            client.clear_partition(pid)
+            t_bare = bare.roundtrip(frames) if bare is not None else 0.0
+            if i:
+                puts.append(t_put)
+                gets.append(t_get)
+                bares.append(t_bare)
+        put, get_s = p50(puts), p50(gets)
+        out[name] = {
+            "put_GBps": rate(nbytes, put),
+            "get_GBps": rate(nbytes, get_s),
+            "roundtrip_GBps": rate(nbytes, put + get_s),
+        }
+        if bare is not None:
+            out[name]["bare_pyzmq_GBps"] = rate(nbytes, p50(bares))
+    return out
+
+
+def run_remote(transport: str, work: list[tuple[Any, ...]]) -> dict[str, dict[str, float]]:
+    """zmq or ray: producer here, consumer in a spawned process attached to the system."""
+    from _actors import data_consumer
+
+    ray_address = None
+    if transport == "ray":
+        import ray
+
+        setup_path()  # PYTHONPATH for the Ray workers
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray_address = ray.get_runtime_context().gcs_address
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    proc = None
+    bare = None
+    try:
+        cfg = tq.init(zmq_config() if transport == "zmq" else {"transport": transport})
+        proc = ctx.Process(target=data_consumer, args=(child_conn, cfg, ray_address), daemon=True)
+        proc.start()
+        if not conn.poll(180) or conn.recv() != "ready":
+            raise RuntimeError("the consumer process did not attach")
+        bare = BareZmq("ack") if transport == "zmq" else None
+
+        def get(pid: str, fields: list[str], rows: int) -> tuple[float, int]:
+            conn.send(("get", pid, fields, rows))
+            t_meta, t_data, got = conn.recv()
+            return t_meta + t_data, got
+
+        return _measure(tq.get_client(), get, bare, transport, work)
+    finally:
+        if bare is not None:
+            bare.close()
+        if proc is not None:
+            if proc.is_alive():
+                conn.send(("stop",))
+                proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        tq.close()
+        if ray_address is not None:
+            import ray
+
+            ray.shutdown()
+
+
+def run_inproc(work: list[tuple[Any, ...]]) -> dict[str, dict[str, float]]:
+    tq.init()
+    client = tq.get_client()
+
+    def get(pid: str, fields: list[str], rows: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        td = client.get_data(client.get_meta(fields, rows, pid, "bench", wait=True, timeout=120))
+        return time.perf_counter() - t0, td.batch_size[0]
+
+    try:
+        return _measure(client, get, None, "inproc", work)
+    finally:
+        tq.close()
+
+
+# ----------------------------------------------------------------- the table
+def run(quick: bool = False) -> dict[str, Any]:
+    work = workloads(quick)
+    figures: dict[str, Any] = {"zmq": {}, "inproc": {}, "ray": {}, "limits": {}}
+    lines: list[list[str] | str] = []
+    try:
+        figures["zmq"] = run_remote("zmq", work)
+        figures["inproc"] = run_inproc(work)
+        if not quick:  # ray: the 128 MiB workloads only (its start-up costs ~30 s here)
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                lines.append("ray: not installed, skipped")
+            else:
+                big = [w for w in work if "128 MiB" in w[0]]
+                figures["ray"] = run_remote("ray", [(*w[:4], 2) for w in big])
+        limits = figures["limits"]
+        for name, _, nbytes, *_ in work:
+            limits[f"memcpy pre-touched, {name}"] = memcpy_gbps(nbytes, 3, fresh=False)
+        _, batch, nbytes, rows, _ = next(w for w in work if w[0] == "dense 128 MiB")
+        limits["memcpy into fresh pages, 128 MiB"] = memcpy_gbps(nbytes, 3, fresh=True)
+        write, read = store_gbps(batch, nbytes, rows, 2 if quick else 3)
+        limits["Store alone: write new partition, 128 MiB"] = write
+        limits["Store alone: read shuffled, 128 MiB"] = read
+    finally:
+        for name, *_ in work:
+            for transport in ("zmq", "inproc", "ray"):
+                f = figures[transport].get(name)
+                if f is None:
+                    continue
+                bare = f.get("bare_pyzmq_GBps")
+                memcpy = figures["limits"].get(f"memcpy pre-touched, {name}")
+                target, met = _target(name, transport, f)
+                pub = PUBLIC.get((name, transport))
+                lines.append(
+                    [
+                        name,
+                        transport,
+                        fmt(f["put_GBps"]),
+                        fmt(f["get_GBps"]),
+                        fmt(f["roundtrip_GBps"]),
+                        f"bare pyzmq 1-way {fmt(bare)}" if bare else "",
+                        f"{f['put_GBps'] / bare:.2f}x" if bare else "",
+                        f"{f['get_GBps'] / bare:.2f}x" if bare else "",
+                        target,
+                        {True: "met", False: "NOT MET", None: ""}[met],
+                        f"put {pub[0]} / get {pub[1]}" if pub else "",
+                    ]
+                )
+                if memcpy and transport == "inproc":
+                    lines[-1][5] = f"memcpy 1 thread {fmt(memcpy)}"
+                    lines[-1][6] = f"{f['put_GBps'] / memcpy:.2f}x"
+                    lines[-1][7] = f"{f['get_GBps'] / memcpy:.2f}x"
+        for label, value in figures["limits"].items():
+            if not label.startswith("memcpy pre-touched"):
+                lines.append(f"machine: {label}: {fmt(value, 'GB/s')}")
+        print_grid(
+            "data plane (issue 4): GB/s = payload bytes / seconds, medians; get = get_meta + "
+            "get_data in another process (zmq)",
+            [
+                "workload",
+                "transport",
+                "put",
+                "get",
+                "round trip",
+                "baseline (same run)",
+                "put/base",
+                "get/base",
+                "target",
+                "met",
+                "public TQ 0.1.11 (from issue)",
+            ],
+            lines,
+            right={2, 3, 4, 6, 7},
+        )
+    return figures
+
+
+def _target(name: str, transport: str, f: dict[str, float]) -> tuple[str, bool | None]:
+    bare = f.get("bare_pyzmq_GBps") or 0.0
+    if transport == "zmq" and name == "dense 128 MiB":
+        ok = all(f[k] >= 1.5 or f[k] >= 0.8 * bare for k in ("put_GBps", "get_GBps"))
+        return "put, get >= 1.5 or >= 0.8x bare", ok
+    if transport == "zmq" and name.startswith("complex"):
+        return "put, get >= 0.9", f["put_GBps"] >= 0.9 and f["get_GBps"] >= 0.9
+    if transport == "inproc" and name == "dense 128 MiB":
+        return "round trip >= 4", f["roundtrip_GBps"] >= 4
+    return "", None
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)
