@@ -113,10 +113,19 @@ class ActorRef:
         for loop, channel in channels.items():
             if loop is current:
                 await channel.aclose()
-            elif not loop.is_closed() and loop.is_running():
-                fut = asyncio.run_coroutine_threadsafe(channel.aclose(), loop)
-                await asyncio.wrap_future(fut)
+            elif not loop.is_closed():
+                # never wait on another loop: it may be the one blocked on this call
+                loop.call_soon_threadsafe(_close_later, channel)
             # a channel of a closed loop releases its sockets when collected
+
+
+_closing: set[asyncio.Future[None]] = set()  # close tasks in flight, kept until done
+
+
+def _close_later(channel: Channel) -> None:
+    task = asyncio.ensure_future(channel.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 class Dispatcher:

@@ -39,17 +39,28 @@ def _roundtrip(obj: Any) -> Any:
     return codec.decode(codec.encode(obj))
 
 
-async def _serve(hosted: _Hosted, method: str, args: Any, kwargs: Any, check: bool) -> Any:
-    """Runs on the actor's loop. Returns ("ok", result) or ("err", wire error)."""
+async def _serve(hosted: _Hosted, method: str, request: Any, check: bool) -> Any:
+    """Runs on the actor's loop. Returns ("ok", result) or ("err", wire error).
+
+    With ``check``, ``request`` holds the encoded frames of ``[args, kwargs]``."""
     try:
         if hosted.stopped:
             raise ActorClosedError("the actor was stopped by its owner")
-        if check:
-            args, kwargs = _roundtrip([list(args), dict(kwargs)])
+        args, kwargs = codec.decode(request) if check else request
         result = await hosted.dispatcher.handle(method, args, kwargs)
         return ("ok", _roundtrip(result) if check else result)
     except Exception as exc:
         return ("err", error_to_wire(exc))
+
+
+async def _within(coro: Any, timeout: float | None) -> Any:
+    """``await coro`` bounded by ``timeout``, without a Task where Python allows (3.11+)."""
+    if timeout is None:
+        return await coro
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            return await coro
+    return await asyncio.wait_for(coro, timeout)  # pragma: no cover - Python 3.10
 
 
 class InprocChannel(Channel):
@@ -60,16 +71,16 @@ class InprocChannel(Channel):
     async def request(
         self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], timeout: float | None
     ) -> Any:
-        if self._check:  # fail in the caller, as an encode error would on zmq
-            codec.encode([list(args), dict(kwargs)])
-        coro = _serve(self._hosted, method, args, kwargs, self._check)
+        # encode in the caller, so a payload the codec cannot carry fails here, as on zmq
+        request = codec.encode([list(args), dict(kwargs)]) if self._check else (args, kwargs)
+        coro = _serve(self._hosted, method, request, self._check)
         loop = self._hosted.loop_thread.loop
-        if asyncio.get_running_loop() is loop:
-            fut: Any = asyncio.ensure_future(coro)
-        else:
-            fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
         try:
-            status, value = await asyncio.wait_for(fut, timeout)
+            if asyncio.get_running_loop() is loop:
+                status, value = await _within(coro, timeout)
+            else:
+                fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+                status, value = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"call {method!r} got no reply within {timeout} s") from None
         if status == "err":
