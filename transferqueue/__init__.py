@@ -41,6 +41,7 @@ from transferqueue.kv import (
     kv_put,
 )
 from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.streaming import StreamingDataLoader, StreamingDataset
 from transferqueue.system import close, get_async_client, get_client, init
 
 __version__ = "0.1.0"
@@ -66,6 +67,8 @@ __all__ = [
     "SeqlenBalancedSampler",
     "SequentialSampler",
     "StorageFullError",
+    "StreamingDataLoader",
+    "StreamingDataset",
     "TransferQueueClient",
     "TransferQueueError",
     "TransportUnavailableError",

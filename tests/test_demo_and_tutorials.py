@@ -1,0 +1,83 @@
+"""The main job (``python -m transferqueue demo``) and every tutorial run end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from transferqueue.__main__ import main
+
+TUTORIALS = {
+    "01_quick_start.py": "quick start: OK",
+    "02_key_value.py": "key-value: OK",
+    "03_batchmeta_and_stages.py": "batchmeta and stages: OK",
+    "04_partitions_slots_seal.py": "partitions, slots and seal: OK",
+    "05_custom_sampler.py": "custom sampler: OK",
+    "06_streaming_dataloader_dp.py": "streaming dataloader with DP ranks: OK",
+    "07_choosing_a_transport.py": "choosing a transport (inproc): OK",
+}
+SMALL = ["--steps", "2", "--global-batch-size", "16", "--producers", "3", "--seed", "7"]
+
+
+def run_demo(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    assert main(["demo", *flags, *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "verification: OK: 32 rows, each consumed exactly once" in out
+    for stage in ("rollout", "compute_log_prob", "update_actor"):
+        assert any(line.startswith(stage) for line in out.splitlines()), stage
+    return out
+
+
+def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_demo(capsys)
+    assert "transport=inproc" in out and "put->consume p50" in out
+
+
+@pytest.mark.slow
+def test_demo_on_the_transport_under_test(
+    transport_name: str, base_config: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if transport_name == "inproc":
+        pytest.skip("test_demo_runs_end_to_end covers inproc")
+    assert f"transport={transport_name}" in run_demo(capsys, "--transport", transport_name)
+
+
+@pytest.mark.parametrize("flags", [["--transport", "carrier-pigeon"], ["--global-batch-size", "6"]])
+def test_demo_bad_flag_gets_argparse_message(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *flags])
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def run_script(name: str, env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(ROOT / "tutorials" / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(TUTORIALS))
+def test_tutorial_runs(name: str, python_env: dict[str, str]) -> None:
+    assert TUTORIALS[name] in run_script(name, python_env)
+
+
+@pytest.mark.slow
+def test_tutorial_07_on_the_transport_under_test(
+    transport_name: str, base_config: dict, python_env: dict[str, str]
+) -> None:
+    if transport_name == "inproc":
+        pytest.skip("test_tutorial_runs covers inproc")
+    out = run_script("07_choosing_a_transport.py", python_env, "--transport", transport_name)
+    assert f"choosing a transport ({transport_name}): OK" in out
