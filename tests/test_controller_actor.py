@@ -117,3 +117,23 @@ async def test_waiters_of_one_task_are_served_in_arrival_order(aclient, pid) -> 
     for start in (0, 2, 4):
         await aclient.put({"a": torch.arange(start, start + 2)}, partition_id=pid)
     assert [sorted((await w).rows) for w in waiters] == [[0, 1], [2, 3], [4, 5]]
+
+
+async def test_a_rank_waiting_for_a_later_step_does_not_block_its_group() -> None:
+    from transferqueue.controller.actor import ControllerActor
+
+    controller = ControllerActor(sampler="rank_aware")
+    spec = {"a": {"dtype": "torch.int64", "ndim": 0}}
+
+    def cfg(step: int) -> dict:
+        return {"dp_rank": 0, "group_size": 2, "num_groups": 1, "batch_index": step}
+
+    rows = (await controller.begin_put("p", spec, 4))["rows"]
+    await controller.commit("p", rows, spec)
+    first = await controller.get_meta(["a"], 4, "p", "t", cfg(0))  # rank A, step 0
+    waiting = asyncio.ensure_future(controller.get_meta(["a"], 4, "p", "t", cfg(1)))
+    await asyncio.sleep(0)  # rank A is now queued for step 1 (no rows for it yet)
+    assert not waiting.done()
+    second = await controller.get_meta(["a"], 4, "p", "t", cfg(0), wait=False)  # rank B
+    assert second.rows == first.rows == [0, 1, 2, 3]
+    waiting.cancel()

@@ -127,6 +127,8 @@ def _find_named_ray_system(config: Config) -> Config | None:
 
 _lock = threading.Lock()
 _default: System | None = None
+#: systems a forked child inherited from its parent: kept referenced, never stopped here
+_inherited: list[System] = []
 
 
 def init(config: Config | Any = None) -> Config:
@@ -142,6 +144,9 @@ def init(config: Config | Any = None) -> Config:
             )
         if isinstance(config, str):  # the address printed by `python -m transferqueue serve`
             config = {"transport": "zmq", "system": {"controller": config}}
+        if _default is not None:  # inherited through a fork: the parent's, not ours
+            _inherited.append(_default)
+            _default = None
         cfg = apply_env(load_config(config))
         if cfg.system is None:
             cfg = _find_named_ray_system(cfg) or cfg

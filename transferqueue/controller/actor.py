@@ -2,7 +2,7 @@
 
 It translates requests into state calls and owns the waiting: one :class:`_Waiters` per
 partition, woken after every change (commit, seal, clear, reset, ...), never by a timer.
-Waiters of one (partition, task, rank) are served in arrival order.
+Waiters of one (partition, task, rank, batch_index) are served in arrival order.
 """
 
 from __future__ import annotations
@@ -154,7 +154,10 @@ class ControllerActor:
         def attempt() -> BatchMeta | None:
             return self._state.get_meta(pid, task, fields, batch_size, sampling_config, drop_last)
 
-        key = (pid, task, (sampling_config or {}).get("dp_rank"))
+        # one queue per (partition, task, rank, step): a rank waiting for a later step never
+        # holds back a slower rank of its group whose step is already formed
+        cfg = sampling_config or {}
+        key = (pid, task, cfg.get("dp_rank"), cfg.get("batch_index"))
         queue = self._queues.get(key)
         if not queue:  # nobody waits ahead of us
             meta = attempt()

@@ -142,6 +142,8 @@ class _RayHandle(ActorHandle):
             return
         self._stopped = True
         await self.ref.aclose()
+        if not ray.is_initialized():  # at exit Ray may have shut down first: nothing to stop
+            return
         with contextlib.suppress(RayActorError, asyncio.TimeoutError):
             await asyncio.wait_for(self._actor.stop.remote(), 10)
         ray.kill(self._actor, no_restart=True)
