@@ -159,11 +159,10 @@ class AsyncTransferQueueClient:
 
     async def _abort(self, partition_id: str, rows: list[int], fresh: list[int]) -> None:
         # bytes already written for fresh rows go; the rows return to pending or are dropped
-        await asyncio.gather(
-            self._per_unit(partition_id, fresh, "clear_rows") if fresh else asyncio.sleep(0),
-            self._controller.call("abort_put", partition_id, fresh),
-            return_exceptions=True,
-        )
+        cleanup = [self._controller.call("abort_put", partition_id, fresh)]
+        if fresh:
+            cleanup.append(self._per_unit(partition_id, fresh, "clear_rows"))
+        await asyncio.gather(*cleanup, return_exceptions=True)
 
     async def _per_unit(
         self,
