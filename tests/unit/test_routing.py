@@ -63,6 +63,17 @@ def test_split_rows_edge_cases() -> None:
         split_rows("p", [0.5], 2)
 
 
+@pytest.mark.parametrize("num_units", [1, 2, 3, 8])
+def test_split_rows_of_a_short_list_matches_the_tensor_path(num_units: int) -> None:
+    rows = torch.randperm(1000)[:100].tolist()
+    short = split_rows("q", rows, num_units)  # a list of < 256 ints: plain Python
+    big = split_rows("q", torch.tensor(rows), num_units)
+    assert list(short) == list(big)
+    for unit, (pos, unit_rows) in short.items():
+        assert pos.dtype == unit_rows.dtype == torch.int64
+        assert torch.equal(pos, big[unit][0]) and torch.equal(unit_rows, big[unit][1])
+
+
 def test_split_rows_64k_is_fast() -> None:
     rows = torch.arange(65536)
     split_rows("p", rows, 4)
@@ -81,9 +92,10 @@ def _round_trip(column: object, rows: list[int], num_units: int) -> object:
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.uint16]
 )
-def test_take_and_assemble_dense(dtype: torch.dtype) -> None:
-    data = torch.randint(0, 100, (50, 3)).to(dtype)
-    out = _round_trip(data, list(range(100, 150)), 3)
+@pytest.mark.parametrize("n", [50, 600])  # short batches take plain-Python paths
+def test_take_and_assemble_dense(dtype: torch.dtype, n: int) -> None:
+    data = torch.randint(0, 100, (n, 3)).to(dtype)
+    out = _round_trip(data, list(range(100, 100 + n)), 3)
     assert isinstance(out, torch.Tensor) and out.dtype == dtype
     assert torch.equal(out.view(torch.uint8), data.view(torch.uint8))
 

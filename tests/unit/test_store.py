@@ -210,6 +210,15 @@ def test_missing_cells_and_partitions() -> None:
         store.read("p", [99], ["y"])
     with pytest.raises(KeyError, match="field 'z'"):
         store.read("p", [0], ["z"])
+    # a field that only some held rows have (reads of fields all rows have skip the states)
+    store.write("p", [5], {"x": torch.ones(1), "z": torch.ones(1, 2)})
+    assert store.read("p", [5, 0, 2], ["x"])["x"].tolist() == [1.0, 0.0, 0.0]
+    assert store.read("p", [5], ["z"])["z"].tolist() == [[1.0, 1.0]]
+    with pytest.raises(KeyError, match=r"row 2 .*'z'"):
+        store.read("p", [5, 2], ["x", "z"])
+    store.clear_rows("p", [0])
+    with pytest.raises(KeyError, match=r"row 0 .*'y'"):
+        store.read("p", [2, 0], ["y"])
 
 
 @pytest.mark.parametrize(
@@ -294,11 +303,41 @@ def test_clearing_a_1gib_partition_returns_memory() -> None:
     buffer_ref = weakref.ref(store._partitions["big"].fields["x"].buffer)
     assert store.nbytes == 1 << 30
     assert _rss_bytes() - before > (1 << 30) * 0.9
+    ptr = store._partitions["big"].fields["x"].buffer.data_ptr()
     assert store.clear_partition("big") == 1 << 30
     assert store.nbytes == 0
     gc.collect()
     assert buffer_ref() is None
+    # the buffer is pooled (not stored data) and the next step's write of that size reuses it
+    assert store.pooled_bytes == 1 << 30
+    store.write("big2", range(1024), {"y": src})
+    assert store._partitions["big2"].fields["y"].buffer.data_ptr() == ptr
+    assert store.pooled_bytes == 0
+    assert _rss_bytes() - before < (1 << 30) * 1.1
+    assert store.clear_partition("big2") == 1 << 30
+    store.trim()  # drops the pool: the memory goes back
+    gc.collect()
+    assert store.pooled_bytes == 0
     assert _rss_bytes() - before < (1 << 30) * 0.1
+
+
+def test_buffer_pool_is_bounded_and_outside_capacity() -> None:
+    store = Store(capacity_bytes=1 << 20)
+    store.write("a", range(4), {"x": torch.ones(4, 1024)})
+    store.clear_rows("a", range(4))  # field left empty: its buffer is pooled
+    assert store.nbytes == 0 and store.pooled_bytes == 4 * 4096
+    store.write("b", range(2), {"x": torch.zeros(2, 2048, dtype=torch.int32)})
+    assert store.pooled_bytes == 0 and store.nbytes == 2 * 8192
+    assert torch.equal(store.read("b", [1, 0], ["x"])["x"], torch.zeros(2, 2048, dtype=torch.int32))
+    store.write("c", range(1), {"x": torch.ones(1, 8)})  # too small for a 16 KiB storage: fresh
+    store.clear_partition("b")
+    store.clear_partition("c")
+    assert store.pooled_bytes == 2 * 8192 + 32
+    store.write("d", range(16), {"x": torch.ones(16, 4, dtype=torch.float64)})
+    assert store.pooled_bytes == 2 * 8192 + 32  # 32 bytes too small, 16 KiB too big: fresh
+    assert torch.equal(
+        store.read("d", range(16), ["x"])["x"], torch.ones(16, 4, dtype=torch.float64)
+    )
 
 
 @cuda

@@ -36,9 +36,13 @@ def word_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(rows, -1).view(torch.uint8)
 
 
-def gather_dense(buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``buffer[slots]`` as a new tensor: one slice copy or one ``index_select``."""
-    if is_range(slots):
+def gather_dense(
+    buffer: torch.Tensor, slots: torch.Tensor, contiguous: bool | None = None
+) -> torch.Tensor:
+    """``buffer[slots]`` as a new tensor: one slice copy or one ``index_select``.
+
+    ``contiguous``: ``is_range(slots)`` when the caller knows it already."""
+    if is_range(slots) if contiguous is None else contiguous:
         s0 = int(slots[0])
         return buffer[s0 : s0 + slots.numel()].clone()
     if buffer[0:1].numel() == 0:

@@ -19,6 +19,7 @@ import torch
 
 from transferqueue.errors import SchemaError
 from transferqueue.storage._arena import JaggedArena, gather_dense, is_range, word_rows
+from transferqueue.storage._pool import BufferPool
 
 ABSENT, DENSE, JAGGED, CELL = 0, 1, 2, 3
 MAX_ROW = 2**31 - 1
@@ -68,7 +69,8 @@ def as_rows(rows: Any, unique: bool) -> torch.Tensor:
     t = t.to(device="cpu", dtype=torch.int64)
     if t.numel() == 0:
         return t
-    lo, hi = int(t.min()), int(t.max())
+    lo_t, hi_t = torch.aminmax(t)
+    lo, hi = int(lo_t), int(hi_t)
     if lo < 0 or hi > MAX_ROW:
         raise SchemaError(f"rows must be in [0, {MAX_ROW}], got values in [{lo}, {hi}]")
     if unique and torch.unique(t).numel() != t.numel():
@@ -89,15 +91,20 @@ def _scatter(buffer: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> No
 
 
 def _fit(
-    buf: torch.Tensor | None, need: int, row_shape: tuple[int, ...], dtype: torch.dtype
+    buf: torch.Tensor | None,
+    need: int,
+    row_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    pool: BufferPool,
 ) -> torch.Tensor:
-    """``buf`` with room for ``need`` rows, grown geometrically."""
+    """``buf`` with room for ``need`` rows, grown geometrically (into pooled memory if any)."""
     cap = 0 if buf is None else buf.shape[0]
     if buf is not None and need <= cap:
         return buf
-    grown = torch.empty((max(need, 2 * cap), *row_shape), dtype=dtype)
+    grown = pool.take(max(need, 2 * cap), row_shape, dtype)
     if buf is not None:
         grown[:cap].copy_(buf)
+        pool.give(buf)
     return grown
 
 
@@ -183,7 +190,10 @@ class FieldData:
 class Field:
     """The cells of one field in one partition."""
 
-    def __init__(self, is_tensor: bool, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, is_tensor: bool, dtype: torch.dtype | None, pool: BufferPool | None = None
+    ) -> None:
+        self.pool = BufferPool() if pool is None else pool
         self.is_tensor = is_tensor
         self.dtype = dtype
         self.jagged = False  # written per row at least once: reads never stack it
@@ -210,10 +220,6 @@ class Field:
         ok = (slots >= 0) & (slots < cap)
         out[ok] = self.state[slots[ok]]
         return out
-
-    def first_missing(self, slots: torch.Tensor) -> int | None:
-        missing = (self.states(slots) == ABSENT).nonzero()
-        return int(missing[0]) if missing.numel() else None
 
     def check_compatible(self, name: str, col: FieldData) -> None:
         if col.is_tensor != self.is_tensor:
@@ -253,6 +259,7 @@ class Field:
     def trim(self) -> None:
         """Drop buffers no row uses (overwrites keep them, to reuse their pages)."""
         if self.dense_count == 0:
+            self.pool.give(self.buffer)
             self.buffer = None
         if self.jagged_count == 0:
             self.arena = None
@@ -290,8 +297,9 @@ class Field:
                 self._write_cells(slots, list(data.to("cpu", copy=True).unbind(0)))
             return
         if buf is not None and tuple(buf.shape[1:]) != row_shape:
+            self.pool.give(buf)
             buf = None  # no row uses the old shape any more
-        self.buffer = buf = _fit(buf, int(slots.max()) + 1, row_shape, data.dtype)
+        self.buffer = buf = _fit(buf, int(slots.max()) + 1, row_shape, data.dtype, self.pool)
         _scatter(buf, slots, data)
         self.state[slots] = DENSE
         self.dense_count += slots.numel()
@@ -316,14 +324,32 @@ class Field:
             self.cells[s] = item
         self.state[slots] = CELL
 
-    def gather(self, slots: torch.Tensor) -> Any:
-        """Column of the cells at ``slots`` (all present), in the order of ``slots``."""
+    def holds_all_dense(self, live: int) -> bool:
+        """Whether every one of the partition's ``live`` rows is held here, and dense (or a
+        value of a non-tensor field): then :meth:`gather_held` reads held slots without
+        looking at their states."""
+        if not self.is_tensor:
+            return self.count == live
+        return self.dense_count == live and not self.jagged and self.buffer is not None
+
+    def gather_held(self, slots: torch.Tensor, contiguous: bool | None = None) -> Any:
+        """:meth:`gather` of held ``slots`` of a field that :meth:`holds_all_dense`."""
+        if not self.is_tensor or self.buffer is None:
+            return self.gather(slots, None, contiguous)
+        return gather_dense(self.buffer, slots, contiguous)
+
+    def gather(
+        self, slots: torch.Tensor, st: torch.Tensor | None = None, contiguous: bool | None = None
+    ) -> Any:
+        """Column of the cells at ``slots`` (all present), in the order of ``slots``.
+
+        ``st``: ``states(slots)`` if known; ``contiguous``: ``is_range(slots)`` if known."""
         if not self.is_tensor:
             return [copy_value(self.cells[s]) for s in slots.tolist()]
-        st = self.states(slots)
+        st = self.states(slots) if st is None else st
         n = slots.numel()
         if self.buffer is not None and not self.jagged and int((st == DENSE).sum()) == n:
-            return gather_dense(self.buffer, slots)
+            return gather_dense(self.buffer, slots, contiguous)
         if self.arena is not None and int((st == JAGGED).sum()) == n:
             values, offsets = self.arena.gather(slots)
             lengths = offsets.diff()

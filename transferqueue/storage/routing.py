@@ -6,7 +6,8 @@ small partitions from all starting on unit 0.
 
 The client splits a batch with :func:`split_rows`, slices each column for a unit with
 :func:`take`, and puts the units' answers back in batch order with :func:`assemble` --
-all vectorised (no Python loop over rows for dense and jagged columns).
+vectorised (no Python loop over rows for dense and jagged columns) from ``SMALL`` rows on;
+shorter batches take plain-Python paths (a torch call costs 5-10 us, a row a few ns).
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from transferqueue.errors import ConfigError, SchemaError
 from transferqueue.storage._arena import gather_jagged, is_range, offsets_of, word_rows
-from transferqueue.storage._field import as_rows
+from transferqueue.storage._field import MAX_ROW, as_rows
+
+#: batches of fewer rows take plain-Python paths: a torch op costs 5-10 us, a row a few ns
+SMALL = 256
+#: dtypes ``index_select`` handles natively (others go through a view as integer words)
+_INDEXABLE = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+}  # fmt: skip
 
 __all__ = ["assemble", "partition_offset", "split_rows", "take", "unit_for_row", "units_for_rows"]
 
@@ -57,6 +67,10 @@ def split_rows(
     order) and ``rows`` the row ids, both int64 tensors; units with no rows are left out.
     Reassemble a unit's answer in batch order with ``out[positions] = answer``.
     """
+    _check_units(num_units)
+    small = _split_small(partition_id, rows, num_units)
+    if small is not None:
+        return small
     t = as_rows(rows, unique=False)
     units = units_for_rows(partition_id, t, num_units)
     if t.numel() == 0:
@@ -66,6 +80,31 @@ def split_rows(
     order = torch.argsort(units, stable=True)
     counts = torch.bincount(units, minlength=num_units).tolist()
     return {unit: (pos, t[pos]) for unit, pos in enumerate(order.split(counts)) if pos.numel()}
+
+
+def _int64(values: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))  # 3x faster than torch.tensor
+
+
+def _split_small(
+    partition_id: str, rows: Any, num_units: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`split_rows` of a short list of ints in plain Python; None for other input."""
+    if not isinstance(rows, (list, tuple)) or not rows or len(rows) >= SMALL:
+        return None
+    if not all(type(r) is int for r in rows) or min(rows) < 0 or max(rows) > MAX_ROW:
+        return None  # as_rows raises the right error, or converts numpy ints
+    if num_units == 1:
+        return {0: (torch.arange(len(rows)), _int64(list(rows)))}
+    off = partition_offset(partition_id) % num_units
+    groups: list[list[int]] = [[] for _ in range(num_units)]
+    for i, r in enumerate(rows):
+        groups[(r + off) % num_units].append(i)
+    return {
+        unit: (_int64(pos), _int64([rows[i] for i in pos]))
+        for unit, pos in enumerate(groups)
+        if pos
+    }
 
 
 def _jagged_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -95,10 +134,7 @@ def take(column: Any, positions: Any) -> Any:
             return [rows[i] for i in pos.tolist()]
         if is_range(pos):  # a slice: no copy (the store copies on write)
             return column[int(pos[0]) : int(pos[0]) + pos.numel()]
-        if column[0:1].numel() == 0 or not column.is_contiguous():
-            return column.index_select(0, pos.to(column.device))
-        words = word_rows(column).index_select(0, pos.to(column.device))
-        return words.view(torch.uint8).view(column.dtype).view(pos.numel(), *column.shape[1:])
+        return _select(column, pos)
     if isinstance(column, (list, tuple)):
         return [column[i] for i in pos.tolist()]
     raise SchemaError(f"cannot take rows of a {type(column).__name__} column")
@@ -117,8 +153,22 @@ def _as_jagged(col: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     return col.flatten(0, 1), torch.full((col.shape[0],), col.shape[1], dtype=torch.int64)
 
 
+def _select(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` along dim 0 for every dtype (big ones as integer words: faster)."""
+    if (t.dtype in _INDEXABLE and index.numel() < SMALL) or t[0:1].numel() == 0:
+        return t.index_select(0, index.to(t.device))
+    words = word_rows(t.contiguous()).index_select(0, index.to(t.device))
+    return words.view(torch.uint8).view(t.dtype).view(index.numel(), *t.shape[1:])
+
+
 def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Tensor:
     first = pieces[0][1]
+    if n < SMALL and sum(pos.numel() for pos, _ in pieces) == n:
+        # one cat + one gather: fewer torch calls than an index_copy_ per piece
+        order = [0] * n
+        for i, p in enumerate(p for pos, _ in pieces for p in pos.tolist()):
+            order[p] = i
+        return _select(torch.cat([col for _, col in pieces]), _int64(order))
     out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
     if out[0:1].numel() == 0:
         return out

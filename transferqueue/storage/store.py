@@ -37,7 +37,10 @@ input raises :class:`SchemaError` and writes nothing: wrong column length, a ten
 than the one the field holds, tensor vs non-tensor mixups, duplicate or negative rows.
 Reading an unknown partition raises :class:`PartitionNotFoundError`; a missing cell a
 ``KeyError`` naming the row and field. Clearing a partition drops its buffers; clearing rows
-frees their slots for reuse, and a field or partition left empty is dropped.
+frees their slots for reuse, and a field or partition left empty is dropped. Dropped dense
+buffers go to a bounded pool that later writes take them from instead of fresh memory
+(:mod:`._pool`: at most ``max(256 MiB, bytes stored)``, outside ``capacity_bytes``);
+:meth:`Store.trim` empties it.
 
 ``write`` = ``prepare_write`` (validate, no state change) + ``check_capacity(plan.nbytes)`` +
 ``apply_write(plan)``; callers splitting them must not let the store change in between.
@@ -51,7 +54,9 @@ from typing import Any
 import torch
 
 from transferqueue.errors import PartitionNotFoundError, SchemaError, StorageFullError
-from transferqueue.storage._field import Field, FieldData, as_rows
+from transferqueue.storage._arena import is_range
+from transferqueue.storage._field import ABSENT, Field, FieldData, as_rows
+from transferqueue.storage._pool import BufferPool
 
 Column = torch.Tensor | list[Any]
 
@@ -146,6 +151,16 @@ class Store:
         self.capacity_bytes = capacity_bytes
         self._partitions: dict[str, _Partition] = {}
         self._nbytes = 0
+        self._pool = BufferPool(lambda: self._nbytes)
+
+    @property
+    def pooled_bytes(self) -> int:
+        """Bytes of dropped buffers kept for reuse (not stored data; see :mod:`._pool`)."""
+        return self._pool.nbytes
+
+    def trim(self) -> None:
+        """Return the pooled buffers to the allocator (see :mod:`._pool`)."""
+        self._pool.clear()
 
     @property
     def nbytes(self) -> int:
@@ -200,7 +215,7 @@ class Store:
         for name, col in plan.columns.items():
             field = part.fields.get(name)
             if field is None:
-                field = part.fields[name] = Field(col.is_tensor, col.dtype)
+                field = part.fields[name] = Field(col.is_tensor, col.dtype, self._pool)
             freed = field.release(slots)
             field.write(slots, col)
             self._nbytes += col.nbytes - freed
@@ -223,6 +238,9 @@ class Store:
             )
         rows_t = as_rows(rows, unique=False)
         slots = part.slots_of(rows_t)
+        # once per read, not per field: are all rows held, are their slots a range
+        held = slots.numel() == 0 or int(slots.min()) >= 0
+        contiguous = is_range(slots)
         out: dict[str, Column] = {}
         for name in fields:
             field = part.fields.get(name)
@@ -231,14 +249,18 @@ class Store:
                     f"field {name!r} is not stored for partition {partition_id!r} "
                     f"in this storage unit (fields here: {sorted(part.fields)})"
                 )
-            missing = field.first_missing(slots)
-            if missing is not None:
-                row = int(rows_t[missing])
+            if held and field.holds_all_dense(part.live):  # no per-slot state to look at
+                out[name] = field.gather_held(slots, contiguous)
+                continue
+            st = field.states(slots)
+            missing = (st == ABSENT).nonzero()
+            if missing.numel():
+                row = int(rows_t[int(missing[0])])
                 raise KeyError(
                     f"row {row} of partition {partition_id!r} has no field {name!r} "
                     "in this storage unit (never written, or cleared)"
                 )
-            out[name] = field.gather(slots)
+            out[name] = field.gather(slots, st, contiguous)
         return out
 
     def fields(self, partition_id: str) -> list[str]:
@@ -276,6 +298,8 @@ class Store:
         if part is None:
             return 0
         freed = part.nbytes
+        for field in part.fields.values():
+            self._pool.give(field.buffer)
         part.fields.clear()
         self._nbytes -= freed
         return freed
