@@ -96,3 +96,22 @@ def test_actor_process_exits_when_its_owner_dies(python_env, how) -> None:
         owner.kill()
         owner.wait()
         owner.stdout.close()
+
+
+EXIT_WITHOUT_CLOSE = """
+import transferqueue as tq
+config = tq.init({"transport": "zmq", "storage": {"units": 1}})
+print(config.system["controller"]["endpoint"], flush=True)
+"""
+
+
+def test_exit_without_close_stops_the_system_cleanly(python_env) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_WITHOUT_CLOSE],
+        capture_output=True,
+        text=True,
+        env=python_env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "cannot schedule" not in proc.stderr

@@ -7,6 +7,9 @@
   orphans.
 * Clients use one DEALER per (process, event loop, actor); many requests are in flight on
   it and replies are matched by request id.
+* Sockets are plain (blocking-API) pyzmq sockets driven by the event loop: a reader
+  callback on the socket's edge-triggered FD drains it with non-blocking calls
+  (:class:`_Pump`), which costs far less than ``zmq.asyncio``. Frames travel zero-copy.
 * A socket monitor notices a peer that went away: calls in flight then fail with
   :class:`~transferqueue.errors.ActorDiedError` at once, not after their timeout.
 * Servers bind to loopback unless ``zmq.host`` says otherwise; ports come from the OS.
@@ -25,11 +28,11 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from transferqueue import codec
@@ -42,20 +45,122 @@ log = logging.getLogger("transferqueue.zmq")
 
 #: after a disconnect, how long a new call waits for the peer to come back
 _DEATH_GRACE_S = 1.0
-_contexts: dict[int, zmq.asyncio.Context] = {}
+#: messages one reader callback handles before it lets the loop run other work
+_BATCH = 64
+# plain ints: pyzmq's flag enums cost a lot on the hot path
+_POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
+_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+_contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
+_T = TypeVar("_T")
 
 
-def _context() -> zmq.asyncio.Context:
-    """One asyncio context per process (a forked child makes its own)."""
+def _context() -> zmq.Context[zmq.Socket[bytes]]:
+    """One context per process (a forked child makes its own)."""
     pid = os.getpid()
     ctx = _contexts.get(pid)
     if ctx is None:
-        ctx = _contexts[pid] = zmq.asyncio.Context()
+        ctx = _contexts[pid] = zmq.Context()
     return ctx
 
 
-def _buffers(frames: list[zmq.Frame]) -> list[memoryview]:
-    return [f.buffer for f in frames]
+class _Pump:
+    """A plain zmq socket driven by an event loop.
+
+    The socket's FD is edge-triggered: it only says "EVENTS may have changed", and any send
+    or receive may consume that edge. So every callback and every send re-reads EVENTS and
+    drains until nothing is left. Sends that would block wait in an outbox flushed here.
+    """
+
+    def __init__(self, sock: zmq.Socket[bytes], on_message: Callable[[list[Any]], None]) -> None:
+        self.sock, self.on_message, self.copy = sock, on_message, sock.type == zmq.PAIR
+        self.loop = loop = asyncio.get_running_loop()
+        self.closed = self._busy = False
+        self._outbox: deque[list[Any]] = deque()
+        self._fd: int = sock.get(zmq.FD)  # type: ignore[assignment]
+        loop.add_reader(self._fd, self.pump)
+        loop.call_soon(self.pump)  # messages may already wait: no edge would announce them
+
+    def send(self, frames: list[Any]) -> None:
+        """Queue ``frames`` (zero-copy when large); sends at once unless it would block."""
+        if self.closed:
+            raise ActorClosedError("the socket is closed")
+        if self._outbox or not self._try_send(frames):
+            self._outbox.append(frames)
+        if not self._busy:  # the send may have eaten the edge of a waiting message
+            self.pump()
+
+    def _try_send(self, frames: list[Any]) -> bool:
+        sock = self.sock
+        try:
+            for frame in frames[:-1]:  # a multipart message is atomic: only its first
+                sock.send(frame, _MORE, copy=False)  # part can raise Again
+            sock.send(frames[-1], _NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _recv(self) -> list[Any]:
+        sock = self.sock
+        if self.copy:
+            return sock.recv_multipart(_NOBLOCK)
+        parts = [sock.recv(_NOBLOCK, copy=False)]
+        while parts[-1].more:
+            parts.append(sock.recv(_NOBLOCK, copy=False))
+        return parts
+
+    def pump(self) -> None:
+        """Receive what is waiting and flush the outbox, until EVENTS says nothing is left."""
+        if self.closed or self._busy:
+            return
+        self._busy = True
+        try:
+            for _ in range(_BATCH):
+                events: int = self.sock.get(_EVENTS)  # type: ignore[assignment]
+                if events & _POLLIN:
+                    frames = self._recv()
+                    try:
+                        self.on_message(frames)
+                    except Exception:  # one bad message must not stall the socket
+                        log.exception("could not handle a message")
+                elif self._outbox and events & _POLLOUT and self._try_send(self._outbox[0]):
+                    self._outbox.popleft()
+                else:
+                    return
+                if self.closed:
+                    return
+            self.loop.call_soon(self.pump)  # more waits: let other callbacks run first
+        except zmq.ZMQError as exc:
+            log.debug("socket error: %s", exc)
+        finally:
+            self._busy = False
+
+    def close(self) -> None:
+        """Idempotent. Call on the loop's thread, or once the loop no longer runs."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.loop.is_closed():
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self._fd)
+        self._outbox.clear()
+        self.sock.close(linger=0)
+
+
+def _release(pumps: list[_Pump]) -> None:
+    """Close ``pumps`` from wherever the garbage collector runs: on their loop while it
+    runs, else here."""
+    loop = pumps[0].loop
+
+    def close_all() -> None:
+        for p in pumps:
+            with contextlib.suppress(Exception):
+                p.close()
+
+    if loop.is_running():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: fall through
+            loop.call_soon_threadsafe(close_all)
+            return
+    close_all()
 
 
 class ZmqChannel(Channel):
@@ -64,48 +169,43 @@ class ZmqChannel(Channel):
     def __init__(self, address: Address, config: Config) -> None:
         self._endpoint = address.endpoint
         self._connect_timeout = config.runtime.connect_timeout
-        self._sock = _context().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self._sock.connect(self._endpoint)
+        self._loop = asyncio.get_running_loop()
+        sock = _context().socket(zmq.DEALER)
+        for opt, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100), (zmq.HEARTBEAT_IVL, 1000)):
+            sock.setsockopt(opt, value)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self._endpoint)
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._connected = asyncio.Event()
         self._ever_connected = False
+        self._monitor = _Pump(monitor, self._on_event)  # a PAIR: receives copies
+        self._pump = _Pump(sock, self._on_reply)
         self._closed = False
-        self._tasks = [
-            asyncio.ensure_future(self._read_replies()),
-            asyncio.ensure_future(self._watch()),
-        ]
 
-    async def _read_replies(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                reply = codec.decode(_buffers(frames))
-                fut = self._pending.pop(reply["i"], None)
-            except Exception:
-                log.warning("dropped a malformed reply from %s", self._endpoint)
-                continue
-            if fut is None or fut.done():
-                continue
-            if "e" in reply:
-                fut.set_exception(error_from_wire(reply["e"]))
-            else:
-                fut.set_result(reply.get("r"))
+    def _on_reply(self, frames: list[zmq.Frame]) -> None:
+        try:
+            reply = codec.decode([f.buffer for f in frames])
+            fut = self._pending.pop(reply["i"], None)
+        except Exception:
+            log.warning("dropped a malformed reply from %s", self._endpoint)
+            return
+        if fut is None or fut.done():
+            return
+        if "e" in reply:
+            fut.set_exception(error_from_wire(reply["e"]))
+        else:
+            fut.set_result(reply.get("r"))
 
-    async def _watch(self) -> None:
-        while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_CONNECTED:
-                self._ever_connected = True
-                self._connected.set()
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._connected.clear()
-                self._fail_pending(ActorDiedError(f"the actor at {self._endpoint} went away"))
+    def _on_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_CONNECTED:
+            self._ever_connected = True
+            self._connected.set()
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._connected.clear()
+            self._fail_pending(ActorDiedError(f"the actor at {self._endpoint} went away"))
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -114,8 +214,6 @@ class ZmqChannel(Channel):
                 fut.set_exception(exc)
 
     async def _await_connected(self) -> None:
-        if self._connected.is_set():
-            return
         wait = _DEATH_GRACE_S if self._ever_connected else self._connect_timeout
         try:
             await asyncio.wait_for(self._connected.wait(), wait)
@@ -130,67 +228,71 @@ class ZmqChannel(Channel):
             raise ActorClosedError(f"the channel to {self._endpoint} is closed")
         rid = next(self._ids)
         frames = codec.encode({"i": rid, "m": method, "a": list(args), "k": dict(kwargs)})
-        await self._await_connected()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._connected.is_set():
+            await self._await_connected()
+            if self._closed:
+                raise ActorClosedError(f"the channel to {self._endpoint} is closed")
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending[rid] = fut
+        timer = None
+        if timeout is not None:
+            timer = self._loop.call_later(timeout, _expire, fut, method, self._endpoint, timeout)
         try:
-            await self._sock.send_multipart(frames, copy=False)
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(
-                f"call {method!r} to {self._endpoint} got no reply within {timeout} s"
-            ) from None
+            self._pump.send(frames)
+            return await fut
         finally:
             self._pending.pop(rid, None)
+            if timer is not None:
+                timer.cancel()
 
     def __del__(self) -> None:
-        # a channel whose event loop ended without aclose(): release the sockets quietly
+        # a channel dropped (or whose event loop ended) without aclose(): release its sockets
         if not getattr(self, "_closed", True):
             self._closed = True
-            for sock in (self._monitor, self._sock):
-                with contextlib.suppress(Exception):
-                    sock.close(linger=0)
+            _release([self._monitor, self._pump])
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_pending(ActorClosedError(f"the channel to {self._endpoint} was closed"))
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        self._pump.sock.disable_monitor()
+        self._monitor.close()
+        self._pump.close()
+
+
+def _expire(fut: asyncio.Future[Any], method: str, endpoint: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(
+            TimeoutError(f"call {method!r} to {endpoint} got no reply within {timeout} s")
+        )
 
 
 # --------------------------------------------------------------------------- server side
 
 
 class _Server:
-    """The actor process's request loop over a ROUTER socket."""
+    """The actor process's request loop over a ROUTER socket: handlers run concurrently."""
 
-    def __init__(self, dispatcher: Dispatcher, sock: zmq.asyncio.Socket) -> None:
+    def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket[bytes]) -> None:
         self.dispatcher = dispatcher
-        self.sock = sock
         self._tasks: set[asyncio.Task[None]] = set()
+        self.pump = _Pump(sock, self._on_request)
 
-    async def serve(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                log.warning("dropped a malformed message (%d frames)", len(frames))
-                continue
-            try:
-                request = codec.decode(_buffers(frames[1:]))
-                rid, method = request["i"], request["m"]
-                args, kwargs = request.get("a", []), request.get("k", {})
-            except Exception as exc:
-                log.warning("dropped a malformed message: %s", exc)
-                continue
-            task = asyncio.ensure_future(self._handle(frames[0], rid, method, args, kwargs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _on_request(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a malformed message (%d frames)", len(frames))
+            return
+        try:
+            request = codec.decode([f.buffer for f in frames[1:]])
+            rid, method = request["i"], request["m"]
+            args, kwargs = request.get("a", []), request.get("k", {})
+        except Exception as exc:
+            log.warning("dropped a malformed message: %s", exc)
+            return
+        task = self.pump.loop.create_task(self._handle(frames[0], rid, method, args, kwargs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _handle(
         self, ident: zmq.Frame, rid: Any, method: Any, args: Any, kwargs: Any
@@ -201,9 +303,14 @@ class _Server:
         except Exception as exc:
             reply = codec.encode({"i": rid, "e": error_to_wire(exc)})
         try:
-            await self.sock.send_multipart([ident, *reply], copy=False)
-        except zmq.ZMQError as exc:  # the peer went away; nothing to answer
+            self.pump.send([ident, *reply])
+        except (zmq.ZMQError, ActorClosedError) as exc:  # the peer or we went away
             log.debug("could not send a reply: %s", exc)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self.pump.close()
 
 
 def _bind_endpoint(config: Config) -> str:
@@ -226,7 +333,7 @@ async def _host(spec: dict[str, Any]) -> None:
     config: Config = spec["config"]
     actor = spec["target"](*spec["args"], **spec["kwargs"])
     dispatcher = Dispatcher(actor)
-    ctx = zmq.asyncio.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -240,11 +347,10 @@ async def _host(spec: dict[str, Any]) -> None:
     sys.stdout.write(f"TQ-ADDRESS {endpoint}\n")
     sys.stdout.flush()
     os.dup2(2, 1)  # anything printed later goes to stderr, not the address pipe
-    server = asyncio.ensure_future(_Server(dispatcher, sock).serve())
+    server = _Server(dispatcher, sock)
     await stop.wait()
-    server.cancel()
+    server.close()
     await dispatcher.stop()
-    sock.close(linger=0)
     ctx.term()
     if endpoint.startswith("ipc://"):
         with contextlib.suppress(OSError):
@@ -270,6 +376,32 @@ def main() -> None:
 # ------------------------------------------------------------------------ owner side
 
 
+async def _in_thread(fn: Callable[[], _T]) -> _T:
+    """``fn()`` in a thread of its own. Unlike ``asyncio.to_thread`` this works while the
+    interpreter shuts down (an atexit close), when executors take no new work."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if fut.done():  # the awaiting side gave up (a timeout)
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:  # handed to the awaiting side
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="tq-zmq-wait", daemon=True).start()
+    return await fut
+
+
 class _ZmqHandle(ActorHandle):
     def __init__(self, proc: subprocess.Popen[bytes], ref: ActorRef) -> None:
         self._proc = proc
@@ -285,7 +417,7 @@ class _ZmqHandle(ActorHandle):
             return
         self._stopped = True
         await self.ref.aclose()
-        await asyncio.to_thread(self._terminate)
+        await _in_thread(self._terminate)
 
     def _terminate(self) -> None:
         proc = self._proc
@@ -356,7 +488,7 @@ class ZmqTransport(Transport):
         proc = _start_process(spec)
         try:
             endpoint = await asyncio.wait_for(
-                asyncio.to_thread(_read_address, proc), self.config.zmq.start_timeout
+                _in_thread(lambda: _read_address(proc)), self.config.zmq.start_timeout
             )
         except asyncio.TimeoutError:
             _reap(proc)
