@@ -39,6 +39,7 @@ from transferqueue import codec
 from transferqueue.actor import ActorRef, Address, Dispatcher, error_from_wire, error_to_wire
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError
+from transferqueue.memory import tune_malloc_for_large_buffers
 from transferqueue.transports.base import ActorHandle, Channel, Transport
 
 log = logging.getLogger("transferqueue.zmq")
@@ -362,6 +363,7 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides when we stop
+    tune_malloc_for_large_buffers()  # large frames and buffers reuse heap pages
     sys.path[:] = pickle.load(sys.stdin.buffer)
     spec = pickle.load(sys.stdin.buffer)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
