@@ -105,20 +105,9 @@ def client(system):
 @pytest.fixture
 async def aclient(system):
     """An async client of the session's system, bound to this test's event loop."""
-    from transferqueue.client import AsyncTransferQueueClient
-
-    c = AsyncTransferQueueClient(*_fresh_refs(system), system.config)
+    c = system.new_async_client()
     yield c
     await c.close()
-
-
-def _fresh_refs(system):
-    from transferqueue.actor import ActorRef, Address
-
-    info = system.config.system
-    controller = ActorRef(Address.from_plain(info["controller"]), system.config)
-    units = [ActorRef(Address.from_plain(u), system.config) for u in info["units"]]
-    return controller, units
 
 
 @pytest.fixture

@@ -80,11 +80,8 @@ def test_dict_input_and_dense_rows_of_different_shapes_come_back_jagged(client, 
 
 
 async def test_row_gains_fields_in_three_stages_from_three_clients(system, pid) -> None:
-    from conftest import _fresh_refs
 
-    from transferqueue.client import AsyncTransferQueueClient
-
-    clients = [AsyncTransferQueueClient(*_fresh_refs(system), system.config) for _ in range(3)]
+    clients = [system.new_async_client() for _ in range(3)]
     try:
         await clients[0].put({"prompt": torch.arange(4).unsqueeze(1)}, partition_id=pid)
         m1 = await clients[1].get_meta(["prompt"], 4, pid, "rollout")

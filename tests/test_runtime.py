@@ -46,11 +46,7 @@ def echo_handle(base_config: dict) -> Iterator[ActorHandle]:
 
 @pytest.fixture
 async def echo(echo_handle: ActorHandle) -> AsyncIterator[ActorRef]:
-    ref = (
-        pickle.loads(pickle.dumps(echo_handle.ref))
-        if echo_handle.ref.address.transport != "inproc"
-        else ActorRef(echo_handle.ref.address, echo_handle.ref.config)
-    )
+    ref = ActorRef(echo_handle.ref.address, echo_handle.ref.config)  # its own connections
     yield ref
     await ref.aclose()
 

@@ -64,9 +64,7 @@ async def collect(items: AsyncIterator[tuple[Any, BatchMeta]]) -> list[BatchMeta
 
 
 def clients_for(system: System, n: int) -> list[AsyncTransferQueueClient]:
-    from conftest import _fresh_refs
-
-    return [AsyncTransferQueueClient(*_fresh_refs(system), system.config) for _ in range(n)]
+    return [system.new_async_client() for _ in range(n)]
 
 
 # --------------------------------------------------------------- ending exactly

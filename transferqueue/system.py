@@ -37,11 +37,15 @@ class System:
         self.config = config
         self.handles = handles
         self.pid = os.getpid()
-        info = config.system or {}
-        controller = ActorRef(Address.from_plain(info["controller"]), config)
-        units = [ActorRef(Address.from_plain(u), config) for u in info["units"]]
-        self.async_client = AsyncTransferQueueClient(controller, units, config)
+        self.async_client = self.new_async_client()
         self.client = TransferQueueClient(self.async_client)
+
+    def new_async_client(self) -> AsyncTransferQueueClient:
+        """A client with connections of its own to this system's actors."""
+        info = self.config.system or {}
+        controller = ActorRef(Address.from_plain(info["controller"]), self.config)
+        units = [ActorRef(Address.from_plain(u), self.config) for u in info["units"]]
+        return AsyncTransferQueueClient(controller, units, self.config)
 
     @property
     def is_owner(self) -> bool:
