@@ -129,7 +129,9 @@ def own_namespace(base_config: dict, **extra) -> dict:
 
 
 def _small_system(base_config: dict, **storage):
-    config = load_config(own_namespace(base_config, storage={"units": 2, **storage}))
+    # row by row across units: the few small rows here split evenly over the capacity shares
+    storage = {"units": 2, "stripe_rows": 1, **storage}
+    config = load_config(own_namespace(base_config, storage=storage))
     return runtime_loop().run(start_system(config))
 
 

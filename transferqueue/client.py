@@ -35,6 +35,9 @@ class AsyncTransferQueueClient:
         self.config = config
         self._controller = controller
         self._units = list(units)
+        self._stripe = config.storage.stripe_rows
+        # inproc replies are the store's own memory (views): results must be copies
+        self._replies_shared = bool(units) and units[0].address.transport == "inproc"
 
     async def __aenter__(self) -> AsyncTransferQueueClient:
         return self
@@ -172,7 +175,7 @@ class AsyncTransferQueueClient:
         columns: dict[str, Any] | None = None,
     ) -> list[tuple[Any, Any]]:
         """Call ``method`` on every unit that holds some of ``rows``, in parallel."""
-        groups = split_rows(partition_id, rows, len(self._units))
+        groups = split_rows(partition_id, rows, len(self._units), self._stripe)
         calls, order = [], []
         for unit, (positions, unit_rows) in groups.items():
             args: list[Any] = [partition_id, unit_rows]
@@ -233,12 +236,12 @@ class AsyncTransferQueueClient:
         if not meta.rows or not names:
             return TensorDict({}, batch_size=[len(meta.rows)], device=device)
         parts = await self._per_unit_get(meta.partition_id, meta.rows, names)
-        return assemble(len(meta.rows), names, parts, device=device)
+        return assemble(len(meta.rows), names, parts, device=device, copy=self._replies_shared)
 
     async def _per_unit_get(
         self, partition_id: str, rows: Sequence[int], fields: list[str]
     ) -> list[tuple[Any, Any]]:
-        groups = split_rows(partition_id, rows, len(self._units))
+        groups = split_rows(partition_id, rows, len(self._units), self._stripe)
         calls = [
             self._units[u].call("get", partition_id, r, fields) for u, (_, r) in groups.items()
         ]

@@ -116,11 +116,14 @@ def assemble(
     fields: Sequence[str],
     parts: Sequence[tuple[Any, Mapping[str, Column]]],
     device: torch.device | str | None = None,
+    copy: bool = False,
 ) -> TensorDict:
-    """Merge per-unit columns (``(positions, columns)``) into one TensorDict of ``n`` rows."""
+    """Merge per-unit columns (``(positions, columns)``) into one TensorDict of ``n`` rows.
+
+    ``copy``: the columns share memory with the store (inproc replies); the result won't."""
     out: dict[str, Any] = {}
     for name in fields:
-        merged = routing.assemble([(pos, cols[name]) for pos, cols in parts], n)
+        merged = routing.assemble([(pos, cols[name]) for pos, cols in parts], n, copy)
         out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
     td = TensorDict(out, batch_size=[n])
     return td.to(device) if device is not None else td

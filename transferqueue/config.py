@@ -69,6 +69,11 @@ class StorageConfig:
     capacity_bytes: int | None = None
     #: wait for space (woken by clears) instead of raising StorageFullError
     block_when_full: bool = False
+    #: rows per stripe block: rows ``[b*s, (b+1)*s)`` live on one unit, blocks go round the
+    #: units. Big puts and gets still use every unit; a micro-batch of up to ``s`` rows
+    #: visits one or two. Every process of a system must use the same value (attaching
+    #: processes take it from the system's config).
+    stripe_rows: int = 32
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class Config:
             )
         if self.storage.units < 1:
             raise ConfigError(f"storage.units must be >= 1; got {self.storage.units}")
+        stripe = self.storage.stripe_rows
+        if not isinstance(stripe, int) or isinstance(stripe, bool) or stripe < 1:
+            raise ConfigError(f"storage.stripe_rows must be an int >= 1; got {stripe!r}")
         if self.controller.pre_allocate < 0:
             raise ConfigError(
                 f"controller.pre_allocate must be >= 0; got {self.controller.pre_allocate}"

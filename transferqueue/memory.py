@@ -1,4 +1,13 @@
-"""Process-wide memory tuning for the processes transferqueue owns (actor processes).
+"""Memory for big buffers: huge-page allocations, and malloc tuning in actor processes.
+
+:func:`empty` is ``torch.empty`` for the big CPU buffers transferqueue fills itself (the
+tensors ``get_data`` returns, storage buffers): from ``HUGE_MIN_BYTES`` on, it maps them on
+transparent huge pages (``madvise(MADV_HUGEPAGE)``; kernels in ``madvise`` mode, the common
+default, give huge pages to no one else). Filling fresh 4 KiB pages faults once per page and
+runs at 1-1.5 GB/s on a VM; on 2 MiB pages it runs at 4-5 GB/s. Such a tensor owns an
+anonymous ``mmap``, unmapped when the tensor is freed; it behaves like any other CPU tensor
+(shared memory for DataLoader workers and pinning copy it as usual). Where huge pages are
+off (``never``) or the platform lacks ``madvise``, it is plain ``torch.empty``.
 
 glibc serves every allocation above a dynamic threshold with a fresh ``mmap`` and unmaps it
 on free, so each large message or buffer is written into fresh pages; on VMs a page fault
@@ -13,7 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import sys
+from pathlib import Path
+
+import torch
+
+#: CPU buffers from this size on are mapped on transparent huge pages (see the docstring)
+HUGE_MIN_BYTES = 4 << 20
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -29,3 +46,44 @@ def tune_malloc_for_large_buffers() -> bool:
         return ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def _huge_pages_available() -> bool:
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+_HUGE = _huge_pages_available()
+
+
+def empty(
+    shape: tuple[int, ...] | list[int],
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``; big CPU ones on huge pages."""
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if not (_HUGE and on_cpu and nbytes >= HUGE_MIN_BYTES):
+        return torch.empty(shape, dtype=dtype, device=device)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    return on_storage(torch.frombuffer(region, dtype=torch.uint8).untyped_storage(), shape, dtype)
+
+
+def on_storage(
+    storage: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` at the start of ``storage`` that is not a view of
+    another tensor (no ``_base``): it alone holds the storage."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, tuple(reversed(strides)))

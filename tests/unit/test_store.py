@@ -362,3 +362,68 @@ def test_cuda_tensors_are_copied_to_host() -> None:
     assert all(t.device.type == "cpu" for t in _rows(got["n"]))
     mixed = store.read("p", [0, 1], ["d"])["d"]
     assert isinstance(mixed, list) and [tuple(t.shape) for t in mixed] == [(2,), (3,)]
+
+
+def test_pieces_are_written_as_one_column() -> None:
+    store = Store()
+    dense = _random((10, 3), torch.float32)
+    rows = [torch.arange(k) for k in (2, 0, 3, 1, 4, 2, 2, 1, 0, 5)]
+    lengths = torch.tensor([t.numel() for t in rows])
+    store.write(
+        "p",
+        list(range(10)),
+        {
+            "dense": {"pieces": [dense[:4], dense[4:9], dense[9:]]},
+            "jagged": {"values": [torch.cat(rows[:3]), torch.cat(rows[3:])], "lengths": lengths},
+        },
+    )
+    got = store.read("p", list(range(10)), ["dense", "jagged"])
+    assert torch.equal(got["dense"], dense)
+    assert [t.tolist() for t in got["jagged"].unbind()] == [t.tolist() for t in rows]
+
+
+@pytest.mark.parametrize(
+    ("column", "match"),
+    [
+        ({"pieces": [torch.ones(2, 2)]}, "pieces hold 2 rows for 3 rows"),
+        ({"chunks": [torch.ones(3, 2)]}, "a dict column is"),
+        ({"pieces": []}, "a dict column is"),
+        ({"pieces": [["a", "b", "c"]]}, "plain tensors"),
+        ({"pieces": [torch.ones(1, 2), torch.ones(2, 3)]}, "differ in dtype or trailing shape"),
+        ({"values": [torch.ones(5)], "lengths": torch.tensor([1, 1])}, "one entry per row"),
+        ({"values": [torch.ones(5)], "lengths": torch.tensor([1, 1, 1])}, "do not add up"),
+        ({"values": [torch.ones(5)]}, "a dict column is"),
+    ],
+)
+def test_bad_pieces_raise_schema_error(column: dict, match: str) -> None:
+    store = Store()
+    with pytest.raises(SchemaError, match=match):
+        store.write("p", [0, 1, 2], {"x": column})
+    assert store.nbytes == 0
+
+
+def test_reads_are_views_and_writes_never_change_a_live_view() -> None:
+    store = Store()
+    first = _random((64, 8), torch.int64, seed=1)
+    store.write("p", list(range(64)), {"x": first})
+    view = store.read("p", list(range(64)), ["x"])["x"]
+    # a range of slots is read as a view of the store's buffer: no copy
+    assert torch.equal(view, first)
+    assert view.data_ptr() == store.read("p", list(range(64)), ["x"])["x"].data_ptr()
+    # overwriting the rows while the view is alive: the store copies before writing
+    second = _random((64, 8), torch.int64, seed=2)
+    store.write("p", list(range(64)), {"x": second})
+    assert torch.equal(view, first)
+    assert torch.equal(store.read("p", list(range(64)), ["x"])["x"], second)
+    # a cleared partition's buffer is not reused for the next one while a view of it lives
+    held = store.read("p", list(range(64)), ["x"])["x"]
+    pooled = {held.data_ptr()}
+    store.clear_partition("p")
+    store.write("q", list(range(64)), {"x": first})
+    assert torch.equal(held, second)
+    # once no view is alive, cleared buffers are reused (no fresh pages)
+    del view, held
+    pooled.add(store.read("q", list(range(64)), ["x"])["x"].data_ptr())
+    store.clear_partition("q")
+    store.write("r", list(range(64)), {"x": second})
+    assert store.read("r", list(range(64)), ["x"])["x"].data_ptr() in pooled

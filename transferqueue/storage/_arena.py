@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from transferqueue import memory
+
 _LONG_ROW = 256  # average entries per row from which a cat of slices beats an index
 
 __all__ = ["JaggedArena", "gather_dense", "gather_jagged", "is_range", "offsets_of"]
@@ -39,12 +41,14 @@ def word_rows(t: torch.Tensor) -> torch.Tensor:
 def gather_dense(
     buffer: torch.Tensor, slots: torch.Tensor, contiguous: bool | None = None
 ) -> torch.Tensor:
-    """``buffer[slots]`` as a new tensor: one slice copy or one ``index_select``.
+    """``buffer[slots]``: a view for a range of slots, else a new tensor (``index_select``).
 
-    ``contiguous``: ``is_range(slots)`` when the caller knows it already."""
+    ``contiguous``: ``is_range(slots)`` when the caller knows it already. A view shares the
+    buffer's memory: the store copies a buffer before writing into it while views of it
+    are alive (see ``_field.shared``)."""
     if is_range(slots) if contiguous is None else contiguous:
         s0 = int(slots[0])
-        return buffer[s0 : s0 + slots.numel()].clone()
+        return buffer[s0 : s0 + slots.numel()]
     if buffer[0:1].numel() == 0:
         return buffer.new_empty((slots.numel(), *buffer.shape[1:]))
     words = word_rows(buffer).index_select(0, slots)
@@ -66,7 +70,8 @@ def gather_jagged(
     ``starts`` and ``lengths`` are CPU int64 tensors; ``values`` may live on any device (the
     result does too; ``offsets`` are on the CPU).
 
-    Contiguous rows: one slice copy. Long rows (>= ``_LONG_ROW`` entries on average): one
+    Contiguous rows: a view of ``values`` (an arena never writes into bytes it handed out:
+    it appends past its end and compacts into a new buffer). Long rows (>= ``_LONG_ROW`` entries on average): one
     ``cat`` of row slices. Short rows: one ``index_select`` with a per-entry index (building
     a view per row would cost more than the index).
     """
@@ -75,7 +80,7 @@ def gather_jagged(
     n = lengths.numel()
     if n and bool((starts[1:] == starts[:-1] + lengths[:-1]).all()):
         s0 = int(starts[0])
-        return values[s0 : s0 + total].clone(), offsets
+        return values[s0 : s0 + total], offsets
     if n and total >= _LONG_ROW * n:
         slices = [values[a : a + b] for a, b in zip(starts.tolist(), lengths.tolist(), strict=True)]
         return torch.cat(slices), offsets
@@ -154,7 +159,7 @@ class JaggedArena:
             cap = values.shape[0]
             if self.end + total <= cap:
                 return
-        grown = torch.empty((max(self.end + total, 2 * cap), *self.trail), dtype=self.dtype)
+        grown = memory.empty((max(self.end + total, 2 * cap), *self.trail), self.dtype)
         grown[: self.end].copy_(self.values[: self.end])
         self.values = grown
 

@@ -78,16 +78,36 @@ def as_rows(rows: Any, unique: bool) -> torch.Tensor:
     return t
 
 
-def _scatter(buffer: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
-    """``buffer[slots] = src`` for every dtype (``index_copy_`` on a byte view)."""
-    n = slots.numel()
+def _scatter(
+    buffer: torch.Tensor, slots: torch.Tensor, src: torch.Tensor | list[torch.Tensor]
+) -> None:
+    """``buffer[slots] = src`` for every dtype (``index_copy_`` on a byte view); ``src`` may
+    be consecutive chunks (copied one by one into a range of slots: no concatenation)."""
     if is_range(slots):
         s0 = int(slots[0])
-        buffer[s0 : s0 + n].copy_(src)
+        for chunk in _tensors(src):
+            buffer[s0 : s0 + chunk.shape[0]].copy_(chunk)
+            s0 += chunk.shape[0]
         return
     if buffer[0].numel() == 0:
         return
-    word_rows(buffer).index_copy_(0, slots, word_rows(src.to("cpu").contiguous()))
+    word_rows(buffer).index_copy_(0, slots, word_rows(dense_rows(src).to("cpu").contiguous()))
+
+
+def _tensors(data: Any) -> list[torch.Tensor]:
+    return [data] if isinstance(data, torch.Tensor) else list(data)
+
+
+def dense_rows(data: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A dense column given as one tensor or as consecutive chunks, as one tensor."""
+    return data if isinstance(data, torch.Tensor) else torch.cat(data)
+
+
+def shared(buffer: torch.Tensor) -> bool:
+    """Whether tensors other than ``buffer`` itself use its memory (views handed out by a
+    read and still alive: an inproc reply, a zmq frame being sent)."""
+    storage = buffer.untyped_storage()  # this Python storage object counts once
+    return bool(torch._C._storage_Use_Count(storage._cdata) > 2)
 
 
 def _fit(
@@ -136,6 +156,8 @@ class FieldData:
 
     @staticmethod
     def from_column(name: str, col: Any, n: int) -> FieldData:
+        if isinstance(col, dict):
+            return FieldData._from_pieces(name, col, n)
         if isinstance(col, torch.Tensor) and col.is_nested:
             return FieldData._from_nested(name, col.detach(), n)
         if isinstance(col, torch.Tensor):
@@ -151,6 +173,38 @@ class FieldData:
             f"field {name!r}: a column must be a tensor, a nested tensor or a list, "
             f"got {type(col).__name__}"
         )
+
+    @staticmethod
+    def _from_pieces(name: str, col: dict[str, Any], n: int) -> FieldData:
+        """A column sent in runs (views of a caller's batch, see
+        :func:`~transferqueue.storage.routing.take`): ``{"pieces": [tensor, ...]}`` dense
+        rows, or ``{"values": [tensor, ...], "lengths": tensor}`` jagged rows packed."""
+        keys = sorted(col)
+        parts = col.get("pieces") if keys == ["pieces"] else col.get("values")
+        lengths = col.get("lengths") if keys == ["lengths", "values"] else None
+        ok = keys == ["pieces"] or isinstance(lengths, torch.Tensor)
+        if not (ok and isinstance(parts, list) and parts):
+            raise SchemaError(
+                f"field {name!r}: a dict column is {{'pieces': [tensor, ...]}} or "
+                f"{{'values': [tensor, ...], 'lengths': tensor}}; got keys {keys}"
+            )
+        if not all(isinstance(t, torch.Tensor) and not t.is_nested and t.dim() for t in parts):
+            raise SchemaError(f"field {name!r}: pieces must be plain tensors of rank >= 1")
+        if len({(t.dtype, tuple(t.shape[1:])) for t in parts}) != 1:
+            raise SchemaError(f"field {name!r}: pieces differ in dtype or trailing shape")
+        total = sum(t.shape[0] for t in parts)
+        nbytes = sum(tensor_nbytes(t) for t in parts)
+        parts = [t.detach() for t in parts]
+        if lengths is None:
+            if total != n:
+                raise SchemaError(f"field {name!r}: pieces hold {total} rows for {n} rows")
+            return FieldData("dense", parts, nbytes, parts[0].dtype)
+        lengths = lengths.to("cpu", torch.int64)
+        if lengths.dim() != 1 or lengths.numel() != n:
+            raise SchemaError(f"field {name!r}: lengths must hold one entry per row ({n} rows)")
+        if bool((lengths < 0).any()) or int(lengths.sum()) != total:
+            raise SchemaError(f"field {name!r}: lengths do not add up to the {total} values sent")
+        return FieldData("jagged", parts, nbytes, parts[0].dtype, lengths)
 
     @staticmethod
     def _from_nested(name: str, col: torch.Tensor, n: int) -> FieldData:
@@ -199,6 +253,7 @@ class Field:
         self.jagged = False  # written per row at least once: reads never stack it
         self.state = torch.zeros(0, dtype=torch.uint8)
         self.buffer: torch.Tensor | None = None
+        self.written = 0  # slots below this were written (and may have been read as views)
         self.arena: JaggedArena | None = None
         self.cells: dict[int, Any] = {}
         self.count = 0
@@ -261,6 +316,7 @@ class Field:
         if self.dense_count == 0:
             self.pool.give(self.buffer)
             self.buffer = None
+            self.written = 0
         if self.jagged_count == 0:
             self.arena = None
 
@@ -285,11 +341,13 @@ class Field:
         self.count += slots.numel()
         self.nbytes += col.nbytes
 
-    def _write_dense(self, slots: torch.Tensor, data: torch.Tensor) -> None:
-        row_shape = tuple(data.shape[1:])
+    def _write_dense(self, slots: torch.Tensor, chunks: torch.Tensor | list[torch.Tensor]) -> None:
+        first = _tensors(chunks)[0]
+        row_shape = tuple(first.shape[1:])
         buf = self.buffer
         fits = buf is None or tuple(buf.shape[1:]) == row_shape or self.dense_count == 0
         if self.jagged or not fits:  # store these rows jagged (or one by one)
+            data = dense_rows(chunks)
             if data.dim() >= 2:
                 lengths = torch.full((data.shape[0],), data.shape[1], dtype=torch.int64)
                 self._write_jagged(slots, [data.flatten(0, 1)], lengths)
@@ -299,8 +357,13 @@ class Field:
         if buf is not None and tuple(buf.shape[1:]) != row_shape:
             self.pool.give(buf)
             buf = None  # no row uses the old shape any more
-        self.buffer = buf = _fit(buf, int(slots.max()) + 1, row_shape, data.dtype, self.pool)
-        _scatter(buf, slots, data)
+        buf = _fit(buf, int(slots.max()) + 1, row_shape, first.dtype, self.pool)
+        if int(slots.min()) < self.written and shared(buf):
+            # copy on write: reads handed out views of these slots that are still alive
+            buf = buf.clone()
+        self.buffer = buf
+        _scatter(buf, slots, chunks)
+        self.written = max(self.written, int(slots.max()) + 1)
         self.state[slots] = DENSE
         self.dense_count += slots.numel()
 

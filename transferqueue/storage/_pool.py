@@ -5,7 +5,8 @@ field shapes. Writing into freshly allocated memory costs a page fault per 4 KiB
 run ~5x slower than into touched memory), so a :class:`~transferqueue.storage.store.Store`
 keeps the storage of buffers it drops (cleared fields and partitions, buffers outgrown) in a
 :class:`BufferPool`, keyed by byte size, and a new or growing buffer takes a pooled storage of
-sufficient size (at most ``4x`` the size asked for) instead of fresh memory.
+sufficient size (at most ``4x`` the size asked for) instead of fresh memory -- unless views of
+it that a read handed out are still alive (a zmq frame still being sent).
 
 Bound: pooled bytes stay <= ``max(MIN_POOL_BYTES, bytes stored)``, where ``bytes stored`` is
 counted before the clear that gives the buffer back (so one step's buffers fit); the oldest
@@ -19,10 +20,17 @@ from collections.abc import Callable
 
 import torch
 
+from transferqueue import memory
+
 MIN_POOL_BYTES = 256 << 20
 _MAX_WASTE = 4  # a pooled storage serves a request of at least 1/_MAX_WASTE of its size
 
 __all__ = ["MIN_POOL_BYTES", "BufferPool"]
+
+
+def _in_use(storage: torch.UntypedStorage) -> bool:
+    """Whether tensors still use ``storage`` (views a read handed out, still being sent)."""
+    return bool(torch._C._storage_Use_Count(storage._cdata) > 1)
 
 
 class BufferPool:
@@ -54,15 +62,14 @@ class BufferPool:
         best = -1
         for i, s in enumerate(self._free):
             size = s.nbytes()
-            if need <= size <= _MAX_WASTE * need and (best < 0 or size < self._free[best].nbytes()):
+            fits = need <= size <= _MAX_WASTE * need
+            if fits and (best < 0 or size < self._free[best].nbytes()) and not _in_use(s):
                 best = i
         if need == 0 or best < 0:
-            return torch.empty((rows, *row_shape), dtype=dtype)
+            return memory.empty((rows, *row_shape), dtype)
         storage = self._free.pop(best)
         self.nbytes -= storage.nbytes()
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-        cap = storage.nbytes() // row_bytes
-        return flat[: cap * row_bytes].view(dtype).view(cap, *row_shape)
+        return memory.on_storage(storage, (storage.nbytes() // row_bytes, *row_shape), dtype)
 
     def clear(self) -> None:
         self._free.clear()

@@ -1,8 +1,14 @@
-"""Which storage unit holds a row: rows of a partition are striped across the units.
+"""Which storage unit holds a row: rows of a partition are striped across the units in blocks.
 
-``unit = (crc32(partition_id) + row) % num_units`` -- stable across processes and runs (no
-salted ``hash()``), consecutive rows land on consecutive units, and the partition offset keeps
-small partitions from all starting on unit 0.
+``unit = (crc32(partition_id) + row // stripe) % num_units`` with ``stripe`` rows per block
+(config ``storage.stripe_rows``, default 32) -- stable across processes and runs (no salted
+``hash()``); the partition offset keeps small partitions from all starting on unit 0.
+
+Blocks, not single rows: a unit's share of a batch of consecutive rows is a few runs of
+``stripe`` consecutive batch positions, so :func:`take` hands each unit *views* of the
+caller's tensors (``{"pieces": [...]}``, one piece per run, sent zero-copy) instead of a
+gathered copy, :func:`assemble` merges answers with one slice copy per run, and a small batch
+(a micro-batch of up to ``stripe`` rows) is served by one or two units instead of all.
 
 The client splits a batch with :func:`split_rows`, slices each column for a unit with
 :func:`take`, and puts the units' answers back in batch order with :func:`assemble` --
@@ -18,19 +24,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferqueue import memory
 from transferqueue.errors import ConfigError, SchemaError
 from transferqueue.storage._arena import gather_jagged, is_range, offsets_of, word_rows
 from transferqueue.storage._field import MAX_ROW, as_rows
 
 #: batches of fewer rows take plain-Python paths: a torch op costs 5-10 us, a row a few ns
 SMALL = 256
+#: rows per stripe block (the default of ``storage.stripe_rows``)
+STRIPE_ROWS = 32
+#: a unit's share is sent as views of runs (no copy) when runs average at least this many
+#: bytes and there are at most MAX_PIECES of them; else as one gathered copy
+PIECE_BYTES = 64 << 10
+MAX_PIECES = 512
 #: dtypes ``index_select`` handles natively (others go through a view as integer words)
 _INDEXABLE = {
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
 }  # fmt: skip
 
-__all__ = ["assemble", "partition_offset", "split_rows", "take", "unit_for_row", "units_for_rows"]
+__all__ = [
+    "STRIPE_ROWS",
+    "assemble",
+    "partition_offset",
+    "runs",
+    "split_rows",
+    "take",
+    "unit_for_row",
+    "units_for_rows",
+]
 
 
 def partition_offset(partition_id: str) -> int:
@@ -38,28 +60,32 @@ def partition_offset(partition_id: str) -> int:
     return zlib.crc32(partition_id.encode("utf-8"))
 
 
-def _check_units(num_units: int) -> None:
+def _check_units(num_units: int, stripe: int = 1) -> None:
     if not isinstance(num_units, int) or num_units < 1:
         raise ConfigError(f"num_units must be an int >= 1, got {num_units!r}")
+    if not isinstance(stripe, int) or stripe < 1:
+        raise ConfigError(f"stripe_rows must be an int >= 1, got {stripe!r}")
 
 
-def unit_for_row(partition_id: str, row: int, num_units: int) -> int:
+def unit_for_row(partition_id: str, row: int, num_units: int, stripe: int = STRIPE_ROWS) -> int:
     """The unit that holds ``row`` of ``partition_id``."""
-    _check_units(num_units)
+    _check_units(num_units, stripe)
     if row < 0:
         raise SchemaError(f"row ids are >= 0, got {row}")
-    return (partition_offset(partition_id) + row) % num_units
+    return (partition_offset(partition_id) + row // stripe) % num_units
 
 
-def units_for_rows(partition_id: str, rows: Any, num_units: int) -> torch.Tensor:
+def units_for_rows(
+    partition_id: str, rows: Any, num_units: int, stripe: int = STRIPE_ROWS
+) -> torch.Tensor:
     """``unit_for_row`` of every row, as an int64 tensor (vectorised)."""
-    _check_units(num_units)
+    _check_units(num_units, stripe)
     t = as_rows(rows, unique=False)
-    return (t + partition_offset(partition_id) % num_units) % num_units
+    return (t // stripe + partition_offset(partition_id) % num_units) % num_units
 
 
 def split_rows(
-    partition_id: str, rows: Any, num_units: int
+    partition_id: str, rows: Any, num_units: int, stripe: int = STRIPE_ROWS
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Group a batch of rows by unit: ``{unit: (positions, rows)}``.
 
@@ -67,12 +93,12 @@ def split_rows(
     order) and ``rows`` the row ids, both int64 tensors; units with no rows are left out.
     Reassemble a unit's answer in batch order with ``out[positions] = answer``.
     """
-    _check_units(num_units)
-    small = _split_small(partition_id, rows, num_units)
+    _check_units(num_units, stripe)
+    small = _split_small(partition_id, rows, num_units, stripe)
     if small is not None:
         return small
     t = as_rows(rows, unique=False)
-    units = units_for_rows(partition_id, t, num_units)
+    units = units_for_rows(partition_id, t, num_units, stripe)
     if t.numel() == 0:
         return {}
     if num_units == 1:
@@ -87,7 +113,7 @@ def _int64(values: list[int]) -> torch.Tensor:
 
 
 def _split_small(
-    partition_id: str, rows: Any, num_units: int
+    partition_id: str, rows: Any, num_units: int, stripe: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
     """:func:`split_rows` of a short list of ints in plain Python; None for other input."""
     if not isinstance(rows, (list, tuple)) or not rows or len(rows) >= SMALL:
@@ -99,7 +125,7 @@ def _split_small(
     off = partition_offset(partition_id) % num_units
     groups: list[list[int]] = [[] for _ in range(num_units)]
     for i, r in enumerate(rows):
-        groups[(r + off) % num_units].append(i)
+        groups[(r // stripe + off) % num_units].append(i)
     return {
         unit: (_int64(pos), _int64([rows[i] for i in pos]))
         for unit, pos in enumerate(groups)
@@ -115,11 +141,47 @@ def _jagged_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def runs(positions: Any) -> list[tuple[int, int]]:
+    """``positions`` as runs of consecutive values, in order: ``[(start, length), ...]``."""
+    pos = torch.as_tensor(positions, dtype=torch.int64)
+    n = pos.numel()
+    if n == 0:
+        return []
+    if n < SMALL:
+        out: list[tuple[int, int]] = []
+        values = pos.tolist()
+        start = prev = values[0]
+        for v in values[1:]:
+            if v != prev + 1:
+                out.append((start, prev - start + 1))
+                start = v
+            prev = v
+        out.append((start, prev - start + 1))
+        return out
+    cuts = ((pos[1:] - pos[:-1]) != 1).nonzero().squeeze(1) + 1
+    bounds = [0, *cuts.tolist(), n]
+    starts = pos[bounds[:-1]].tolist()
+    return [(s, b - a) for s, a, b in zip(starts, bounds[:-1], bounds[1:], strict=True)]
+
+
+def _piece_runs(pos: torch.Tensor, share_bytes: int) -> list[tuple[int, int]] | None:
+    """The runs of ``pos`` when sending them as separate views beats one gathered copy."""
+    if pos.numel() < 2 or share_bytes < 2 * PIECE_BYTES:
+        return None
+    found = runs(pos)
+    if 1 < len(found) <= MAX_PIECES and share_bytes >= PIECE_BYTES * len(found):
+        return found
+    return None
+
+
 def take(column: Any, positions: Any) -> Any:
     """The entries of a batch column at ``positions``, same kind of column.
 
-    Dense tensor -> ``index_select``; jagged nested tensor -> jagged nested tensor (one
-    gather of its values); list -> list; other nested tensors -> list of per-row tensors.
+    Dense tensor -> a slice (one run of positions) or ``index_select``; jagged nested tensor
+    -> jagged nested tensor (one gather of its values); list -> list; other nested tensors
+    -> list of per-row tensors. Positions that form a few long runs (a unit's blocks of a big
+    batch, see the module docstring) give views, nothing copied: ``{"pieces": [view, ...]}``
+    of a dense column, ``{"values": [view, ...], "lengths": lengths}`` of a jagged one.
     """
     pos = torch.as_tensor(positions, dtype=torch.int64)
     if isinstance(column, torch.Tensor):
@@ -127,6 +189,12 @@ def take(column: Any, positions: Any) -> Any:
         if parts is not None:
             values, offsets = parts
             starts, lengths = offsets[:-1][pos], offsets.diff()[pos]
+            share = values.nbytes * pos.numel() // max(1, column.size(0))
+            found = [(int(pos[0]), pos.numel())] if is_range(pos) else _piece_runs(pos, share)
+            if found is not None:
+                bounds = offsets.tolist()
+                views = [values[bounds[a] : bounds[a + k]] for a, k in found]
+                return {"values": views, "lengths": lengths}
             vals, offs = gather_jagged(values, starts, lengths)
             return torch.nested.nested_tensor_from_jagged(vals, offsets=offs.to(values.device))
         if column.is_nested:
@@ -134,6 +202,9 @@ def take(column: Any, positions: Any) -> Any:
             return [rows[i] for i in pos.tolist()]
         if is_range(pos):  # a slice: no copy (the store copies on write)
             return column[int(pos[0]) : int(pos[0]) + pos.numel()]
+        found = _piece_runs(pos, column[0:1].nbytes * pos.numel())
+        if found is not None:
+            return {"pieces": [column[a : a + k] for a, k in found]}
         return _select(column, pos)
     if isinstance(column, (list, tuple)):
         return [column[i] for i in pos.tolist()]
@@ -161,6 +232,23 @@ def _select(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return words.view(torch.uint8).view(t.dtype).view(index.numel(), *t.shape[1:])
 
 
+def _long_runs(
+    pieces: list[tuple[torch.Tensor, Any]], n: int
+) -> list[list[tuple[int, int]]] | None:
+    """Each piece's runs of positions, when they are long enough (>= 8 rows on average) for
+    one slice copy per run to beat an indexed copy."""
+    if n < SMALL:
+        return None
+    found = []
+    total = 0
+    for pos, _ in pieces:
+        found.append(runs(pos))
+        total += len(found[-1])
+        if total * 8 > n:
+            return None
+    return found
+
+
 def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Tensor:
     first = pieces[0][1]
     if n < SMALL and sum(pos.numel() for pos, _ in pieces) == n:
@@ -169,8 +257,16 @@ def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Ten
         for i, p in enumerate(p for pos, _ in pieces for p in pos.tolist()):
             order[p] = i
         return _select(torch.cat([col for _, col in pieces]), _int64(order))
-    out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    out = memory.empty((n, *first.shape[1:]), first.dtype, first.device)
     if out[0:1].numel() == 0:
+        return out
+    long_runs = _long_runs(pieces, n)
+    if long_runs is not None:  # blocks of a striped batch: one slice copy per run
+        for (_, col), found in zip(pieces, long_runs, strict=True):
+            i = 0
+            for start, k in found:
+                out[start : start + k].copy_(col[i : i + k])
+                i += k
         return out
     dst = word_rows(out)  # index_copy_ on words works for every dtype
     for pos, col in pieces:
@@ -181,6 +277,22 @@ def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Ten
 def _assemble_jagged(
     pieces: list[tuple[torch.Tensor, Any]], packed: list[tuple[torch.Tensor, torch.Tensor]], n: int
 ) -> torch.Tensor:
+    long_runs = _long_runs(pieces, n)
+    if long_runs is not None:  # blocks of a striped batch: one cat of run slices
+        segments = []
+        for (vals, lens), found in zip(packed, long_runs, strict=True):
+            offs = offsets_of(lens).tolist()
+            i = 0
+            for start, k in found:
+                segments.append((start, vals[offs[i] : offs[i + k]], lens[i : i + k]))
+                i += k
+        segments.sort(key=lambda seg: seg[0])
+        first = segments[0][1]
+        total = sum(v.shape[0] for _, v, _ in segments)
+        vals = memory.empty((total, *first.shape[1:]), first.dtype, first.device)
+        torch.cat([v for _, v, _ in segments], out=vals)
+        offsets = offsets_of(torch.cat([ln for _, _, ln in segments]))
+        return torch.nested.nested_tensor_from_jagged(vals, offsets=offsets.to(vals.device))
     values = torch.cat([v for v, _ in packed])
     starts = torch.empty(n, dtype=torch.int64)
     lengths = torch.empty(n, dtype=torch.int64)
@@ -193,19 +305,21 @@ def _assemble_jagged(
     return torch.nested.nested_tensor_from_jagged(vals, offsets=offsets.to(vals.device))
 
 
-def assemble(pieces: list[tuple[Any, Any]], n: int) -> Any:
+def assemble(pieces: list[tuple[Any, Any]], n: int, copy: bool = False) -> Any:
     """Put per-unit answers ``[(positions, column), ...]`` back together in batch order.
 
     Dense pieces of one row shape -> one dense tensor; pieces whose rows differ only in the
     first dim (jagged nested tensors, dense pieces of other lengths) -> a jagged nested tensor;
-    anything else -> a list with one entry per row.
+    anything else -> a list with one entry per row. ``copy``: the pieces may share memory
+    with a store (inproc), so the result must not -- a lone piece is cloned.
     """
     pieces = [(torch.as_tensor(pos, dtype=torch.int64), col) for pos, col in pieces]
     cols = [col for _, col in pieces]
     if not cols:
         return []
     if len(pieces) == 1 and pieces[0][0].numel() == n and is_range(pieces[0][0]):
-        return cols[0]  # one unit answered the whole batch in order: nothing to merge
+        # one unit answered the whole batch in order: nothing to merge
+        return _cloned(cols[0]) if copy else cols[0]
     if all(isinstance(c, torch.Tensor) and not c.is_nested for c in cols):
         shapes = {(tuple(c.shape[1:]), c.dtype) for c in cols}
         if len(shapes) == 1:
@@ -219,5 +333,22 @@ def assemble(pieces: list[tuple[Any, Any]], n: int) -> Any:
     for pos, col in pieces:
         items = col.unbind() if isinstance(col, torch.Tensor) else col
         for p, item in zip(pos.tolist(), items, strict=True):
-            out[p] = item
+            out[p] = item.clone() if copy and isinstance(item, torch.Tensor) else item
     return out
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return memory.empty(t.shape, t.dtype, t.device).copy_(t)
+
+
+def _cloned(col: Any) -> Any:
+    """A column that shares no memory with ``col`` (values are copied by the store)."""
+    if isinstance(col, torch.Tensor):
+        parts = _jagged_parts(col)
+        if parts is not None:
+            values, offsets = parts
+            return torch.nested.nested_tensor_from_jagged(
+                _copy(values), offsets=offsets.to(values.device)
+            )
+        return _copy(col)
+    return [v.clone() if isinstance(v, torch.Tensor) else v for v in col]
