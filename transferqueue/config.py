@@ -73,7 +73,7 @@ class StorageConfig:
     #: units. Big puts and gets still use every unit; a micro-batch of up to ``s`` rows
     #: visits one or two. Every process of a system must use the same value (attaching
     #: processes take it from the system's config).
-    stripe_rows: int = 32
+    stripe_rows: int = 128
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def test_take_and_assemble_jagged_and_values() -> None:
 def test_big_columns_travel_as_views_of_runs(num_units: int) -> None:
     n = 8 * STRIPE_ROWS
     rows = list(range(5, 5 + n))
-    dense = torch.randn(n, PIECE_BYTES // 4)  # a run of rows is far above PIECE_BYTES
+    dense = torch.randn(n, PIECE_BYTES // STRIPE_ROWS // 2)  # a run: 2x PIECE_BYTES
     lengths = torch.randint(0, 3 * PIECE_BYTES // 8 // STRIPE_ROWS, (n,))
     jag_rows = [torch.randint(0, 9, (int(k), 2)) for k in lengths]
     jagged = torch.nested.nested_tensor(jag_rows, layout=torch.jagged)
@@ -162,6 +162,14 @@ def test_big_columns_travel_as_views_of_runs(num_units: int) -> None:
     assert torch.equal(out, dense)
     merged = _round_trip(jagged, rows, num_units)
     assert all(torch.equal(a, b) for a, b in zip(merged.unbind(), jag_rows, strict=True))
+
+
+def test_a_share_of_many_runs_is_gathered_into_one_tensor() -> None:
+    # more runs than MAX_PIECES: one copy, not dozens of zero-copy frames in one message
+    dense = torch.randn(64, PIECE_BYTES // 4)
+    pos = torch.arange(0, 64, 2)  # 32 runs of one big row
+    taken = take(dense, pos)
+    assert isinstance(taken, torch.Tensor) and torch.equal(taken, dense[pos])
 
 
 def test_assemble_copy_gives_memory_of_its_own() -> None:

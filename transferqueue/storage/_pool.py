@@ -36,16 +36,19 @@ def _in_use(storage: torch.UntypedStorage) -> bool:
 class BufferPool:
     """Untyped storages of dropped dense buffers, oldest first."""
 
-    def __init__(self, stored_bytes: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, stored_bytes: Callable[[], int] = lambda: 0, min_bytes: int = MIN_POOL_BYTES
+    ) -> None:
         self._free: list[torch.UntypedStorage] = []
         self._stored_bytes = stored_bytes
+        self._min_bytes = min_bytes
         self.nbytes = 0
 
     def give(self, buffer: torch.Tensor | None) -> None:
         """Keep ``buffer``'s storage (CPU only) if it fits in the bound."""
         if buffer is None or buffer.device.type != "cpu":
             return
-        limit = max(MIN_POOL_BYTES, self._stored_bytes())
+        limit = max(self._min_bytes, self._stored_bytes())
         storage = buffer.untyped_storage()
         size = storage.nbytes()
         if size == 0 or size > limit or any(s.data_ptr() == storage.data_ptr() for s in self._free):

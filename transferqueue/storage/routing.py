@@ -1,7 +1,7 @@
 """Which storage unit holds a row: rows of a partition are striped across the units in blocks.
 
 ``unit = (crc32(partition_id) + row // stripe) % num_units`` with ``stripe`` rows per block
-(config ``storage.stripe_rows``, default 32) -- stable across processes and runs (no salted
+(config ``storage.stripe_rows``, default 128) -- stable across processes and runs (no salted
 ``hash()``); the partition offset keeps small partitions from all starting on unit 0.
 
 Blocks, not single rows: a unit's share of a batch of consecutive rows is a few runs of
@@ -18,6 +18,8 @@ shorter batches take plain-Python paths (a torch call costs 5-10 us, a row a few
 
 from __future__ import annotations
 
+import math
+import threading
 import zlib
 from typing import Any
 
@@ -28,15 +30,20 @@ from transferqueue import memory
 from transferqueue.errors import ConfigError, SchemaError
 from transferqueue.storage._arena import gather_jagged, is_range, offsets_of, word_rows
 from transferqueue.storage._field import MAX_ROW, as_rows
+from transferqueue.storage._pool import BufferPool
 
 #: batches of fewer rows take plain-Python paths: a torch op costs 5-10 us, a row a few ns
 SMALL = 256
+#: results of merges that callers dropped, kept for the next merge of that size (bytes)
+OUTPUT_POOL_BYTES = 1 << 30
 #: rows per stripe block (the default of ``storage.stripe_rows``)
-STRIPE_ROWS = 32
+STRIPE_ROWS = 128
 #: a unit's share is sent as views of runs (no copy) when runs average at least this many
-#: bytes and there are at most MAX_PIECES of them; else as one gathered copy
+#: bytes and there are at most MAX_PIECES of them per field; else as one gathered copy.
+#: Many zero-copy frames in one message stall pyzmq (its garbage-collector thread must
+#: release each): 80 frames of 4 MiB per message cost ~0.6 s now and then, 20 never did.
 PIECE_BYTES = 64 << 10
-MAX_PIECES = 512
+MAX_PIECES = 8
 #: dtypes ``index_select`` handles natively (others go through a view as integer words)
 _INDEXABLE = {
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
@@ -257,7 +264,7 @@ def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Ten
         for i, p in enumerate(p for pos, _ in pieces for p in pos.tolist()):
             order[p] = i
         return _select(torch.cat([col for _, col in pieces]), _int64(order))
-    out = memory.empty((n, *first.shape[1:]), first.dtype, first.device)
+    out = _output((n, *first.shape[1:]), first.dtype, first.device)
     if out[0:1].numel() == 0:
         return out
     long_runs = _long_runs(pieces, n)
@@ -289,7 +296,7 @@ def _assemble_jagged(
         segments.sort(key=lambda seg: seg[0])
         first = segments[0][1]
         total = sum(v.shape[0] for _, v, _ in segments)
-        vals = memory.empty((total, *first.shape[1:]), first.dtype, first.device)
+        vals = _output((total, *first.shape[1:]), first.dtype, first.device)
         torch.cat([v for _, v, _ in segments], out=vals)
         offsets = offsets_of(torch.cat([ln for _, _, ln in segments]))
         return torch.nested.nested_tensor_from_jagged(vals, offsets=offsets.to(vals.device))
@@ -337,8 +344,26 @@ def assemble(pieces: list[tuple[Any, Any]], n: int, copy: bool = False) -> Any:
     return out
 
 
+_outputs = BufferPool(min_bytes=OUTPUT_POOL_BYTES)
+_outputs_lock = threading.Lock()
+
+
+def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised result tensor. Big CPU ones come from buffers of earlier results
+    that their holders dropped (pages already touched: a copy into fresh pages runs at a
+    fifth of memcpy speed on VMs), else from :func:`memory.empty`; every big one is
+    tracked, so it serves a later result once dropped. The pool keeps at most
+    ``OUTPUT_POOL_BYTES`` of them, oldest forgotten first."""
+    if device.type != "cpu" or math.prod(shape) * dtype.itemsize < memory.HUGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    with _outputs_lock:
+        buf = _outputs.take(shape[0], shape[1:], dtype)
+        _outputs.give(buf)
+    return buf[: shape[0]]
+
+
 def _copy(t: torch.Tensor) -> torch.Tensor:
-    return memory.empty(t.shape, t.dtype, t.device).copy_(t)
+    return _output(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
 def _cloned(col: Any) -> Any:
