@@ -22,7 +22,9 @@ Machine limits measured in the same run: a bare pyzmq DEALER -> ROUTER one-way t
 of the same frames (``codec.encode`` of the batch) to another process, answered by an
 empty frame; a single-thread ``copy_`` into pre-touched memory and into fresh pages (page
 faults: what any write into new buffers pays); the storage unit's ``Store`` alone
-(no actor, no codec) writing a new partition and reading it back shuffled.
+(no actor, no codec) writing a new partition and reading it back shuffled; and the bound on
+an inproc round trip, which copies the batch twice (into the store on put, out of it on
+get): half the all-core ``copy_`` rate into pre-touched memory.
 
 Also runnable alone: ``python benchmarks/bench_data.py [--quick]``.
 """
@@ -93,11 +95,11 @@ def _fields(batch: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------- machine limits
-def memcpy_gbps(nbytes: int, repeat: int, fresh: bool) -> float:
+def memcpy_gbps(nbytes: int, repeat: int, fresh: bool, threads: int = 1) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.zeros(nbytes, dtype=torch.uint8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         times = []
         for _ in range(repeat + 1):
@@ -109,7 +111,7 @@ def memcpy_gbps(nbytes: int, repeat: int, fresh: bool) -> float:
             times.append(time.perf_counter() - t0)
         return rate(nbytes, p50(times[1:]))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def store_gbps(batch: Any, nbytes: int, rows: int, repeat: int) -> tuple[float, float]:
@@ -250,6 +252,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             limits[f"memcpy pre-touched, {name}"] = memcpy_gbps(nbytes, 3, fresh=False)
         _, batch, nbytes, rows, _ = next(w for w in work if w[0] == "dense 128 MiB")
         limits["memcpy into fresh pages, 128 MiB"] = memcpy_gbps(nbytes, 3, fresh=True)
+        # inproc put copies the batch into the store once, get copies it out once
+        both = memcpy_gbps(nbytes, 3, fresh=False, threads=torch.get_num_threads())
+        limits["inproc round-trip bound, 128 MiB (2 copies at all-core memcpy)"] = both / 2
         write, read = store_gbps(batch, nbytes, rows, 2 if quick else 3)
         limits["Store alone: write new partition, 128 MiB"] = write
         limits["Store alone: read shuffled, 128 MiB"] = read
