@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from transferqueue.errors import ConfigError, SchemaError
+from transferqueue.storage import routing
 from transferqueue.storage.routing import (
     PIECE_BYTES,
+    SMALL,
     STRIPE_ROWS,
     assemble,
     runs,
@@ -210,3 +212,18 @@ def test_take_and_assemble_cuda_columns() -> None:
     out = _round_trip(nested, list(range(7)), 3)
     assert all(torch.equal(a, b) for a, b in zip(out.unbind(), rows, strict=True))
     assert torch.equal(_round_trip(dense, list(range(7)), 2), dense)
+
+
+def test_big_merge_results_reuse_dropped_buffers_only() -> None:
+    routing._outputs.clear()  # buffers that earlier tests dropped
+    n = 2 * SMALL
+    col = torch.randn(n, 4096)  # 8 MiB: above memory.HUGE_MIN_BYTES
+    half = [(torch.arange(0, n, 2), col[0::2].contiguous()), (torch.arange(1, n, 2), col[1::2])]
+    first = assemble(half, n)
+    assert torch.equal(first, col)
+    second = assemble(half, n)  # first is alive: its memory is not handed out again
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, col)
+    ptr = first.data_ptr()
+    del first
+    third = assemble(half, n)  # dropped: its pages serve the next result
+    assert torch.equal(third, col) and third.data_ptr() == ptr
