@@ -52,15 +52,18 @@ _BATCH = 64
 _POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
+_IO_THREADS = 2
 _T = TypeVar("_T")
 
 
 def _context() -> zmq.Context[zmq.Socket[bytes]]:
-    """One context per process (a forked child makes its own)."""
+    """One context per process (a forked child makes its own). Two I/O threads: a get
+    receives from every storage unit at once, and one thread copying all streams out of the
+    kernel was the bottleneck (128 MiB get from 2 units: ~145 ms -> ~110 ms)."""
     pid = os.getpid()
     ctx = _contexts.get(pid)
     if ctx is None:
-        ctx = _contexts[pid] = zmq.Context()
+        ctx = _contexts[pid] = zmq.Context(io_threads=_IO_THREADS)
     return ctx
 
 
