@@ -113,7 +113,7 @@ def _stored(col: object) -> object:
     values = torch.cat(col["values"])
     offsets = torch.zeros(len(col["lengths"]) + 1, dtype=torch.int64)
     offsets[1:] = col["lengths"].cumsum(0)
-    return torch.nested.nested_tensor_from_jagged(values, offsets)
+    return torch.nested.nested_tensor_from_jagged(values, offsets.to(values.device))
 
 
 def _round_trip(column: object, rows: list[int], num_units: int) -> object:

@@ -9,12 +9,16 @@ unique, ``>= 0``; every column has ``len(rows)`` entries):
 * a dense tensor ``(len(rows), *row_shape)`` -- a fixed-shape field;
 * a jagged nested tensor (``layout=torch.jagged``) or a list of tensors, one per row -- a
   *jagged* field: reads return it per row even when the requested rows happen to agree;
-* a list of plain Python values (str, dict, numbers, None, ...) -- a non-tensor field.
+* a list of plain Python values (str, dict, numbers, None, ...) -- a non-tensor field;
+* ``{"pieces": [tensor, ...]}`` -- dense rows sent in consecutive runs (views of a caller's
+  batch), or ``{"values": [tensor, ...], "lengths": tensor}`` -- jagged rows packed, in runs.
 
 Columns on read (``read`` returns ``{field: column}`` in the requested row order):
 
 * ``torch.Tensor`` ``(len(rows), *row_shape)`` for a field never written per row whose
-  requested rows share one shape -- one ``index_select`` (or slice copy) per field;
+  requested rows share one shape -- a view of the buffer for a range of slots (read-only
+  for the caller: the store copies a buffer before writing into it while views of it
+  live), else one ``index_select`` per field;
 * a jagged nested tensor (``torch.nested.nested_tensor_from_jagged``) for a field written
   per row (list or nested tensor), also when the requested rows happen to agree -- one
   gather of its packed values;
