@@ -227,3 +227,28 @@ def test_big_merge_results_reuse_dropped_buffers_only() -> None:
     del first
     third = assemble(half, n)  # dropped: its pages serve the next result
     assert torch.equal(third, col) and third.data_ptr() == ptr
+
+
+def _merge_in_child(conn) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP does not survive a fork
+    n = 2 * SMALL
+    col = torch.ones(n, 4096)
+    out = assemble([(torch.arange(0, n, 2), col[0::2]), (torch.arange(1, n, 2), col[1::2])], n)
+    conn.send(bool(torch.equal(out, col)))
+
+
+def test_a_forked_child_merges_while_the_parent_holds_the_result_pool() -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    with routing._outputs_lock:  # as if the parent's loop thread were merging at the fork
+        proc = ctx.Process(target=_merge_in_child, args=(child,))
+        proc.start()
+    try:
+        assert parent.poll(60), "the child hung on the lock it inherited"
+        assert parent.recv() is True
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()

@@ -71,8 +71,8 @@ def gather_jagged(
     result does too; ``offsets`` are on the CPU).
 
     Contiguous rows: a view of ``values`` (an arena never writes into bytes it handed out:
-    it appends past its end and compacts into a new buffer). Long rows (>= ``_LONG_ROW`` entries on average): one
-    ``cat`` of row slices. Short rows: one ``index_select`` with a per-entry index (building
+    it appends past its end and compacts into a new buffer). Long rows (>= ``_LONG_ROW``
+    entries on average): one ``cat`` of row slices. Short rows: one ``index_select`` with a per-entry index (building
     a view per row would cost more than the index).
     """
     offsets = offsets_of(lengths)

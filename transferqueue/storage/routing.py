@@ -19,6 +19,7 @@ shorter batches take plain-Python paths (a torch call costs 5-10 us, a row a few
 from __future__ import annotations
 
 import math
+import os
 import threading
 import zlib
 from typing import Any
@@ -346,6 +347,18 @@ def assemble(pieces: list[tuple[Any, Any]], n: int, copy: bool = False) -> Any:
 
 _outputs = BufferPool(min_bytes=OUTPUT_POOL_BYTES)
 _outputs_lock = threading.Lock()
+
+
+def _forget_outputs() -> None:
+    """In a forked child: a fresh pool and lock (the parent's buffers are copy-on-write
+    memory here, and its lock may have been held by a thread the fork did not copy)."""
+    global _outputs, _outputs_lock
+    _outputs = BufferPool(min_bytes=OUTPUT_POOL_BYTES)
+    _outputs_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_outputs)
 
 
 def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
