@@ -60,6 +60,24 @@ def test_put_get_round_trip_exact(client, pid) -> None:
     assert_batches_equal(client.get_data(got), data)
 
 
+@pytest.mark.parametrize("rows", [4, 300])  # one unit answers / both units answer
+def test_what_a_get_returns_is_the_callers_to_change(client, pid, rows) -> None:
+    data = {
+        "x": torch.arange(rows * 3).view(rows, 3),
+        "r": [torch.arange(i % 4) for i in range(rows)],
+    }
+    meta = client.put(data, partition_id=pid)
+    first = client.get_data(meta)
+    first["x"].mul_(-1)  # a trainer normalising in place
+    first["r"].values().fill_(-7)
+    again = client.get_data(meta)
+    assert torch.equal(again["x"], data["x"])
+    assert [t.tolist() for t in again["r"].unbind()] == [t.tolist() for t in data["r"]]
+    # and what was put may change afterwards without changing what is stored
+    data["x"].fill_(0)
+    assert torch.equal(client.get_data(meta)["x"], torch.arange(rows * 3).view(rows, 3))
+
+
 def test_get_data_follows_meta_row_order_and_field_selection(client, pid) -> None:
     data = batch(8)
     meta = client.put(data, partition_id=pid)

@@ -36,8 +36,9 @@ class AsyncTransferQueueClient:
         self._controller = controller
         self._units = list(units)
         self._stripe = config.storage.stripe_rows
-        # inproc replies are the store's own memory (views): results must be copies
-        self._replies_shared = bool(units) and units[0].address.transport == "inproc"
+        # replies that are not the caller's to keep: inproc ones are the store's own memory
+        # (views), ray ones read-only object-store memory. Results made of them are copies.
+        self._replies_borrowed = bool(units) and units[0].address.transport in ("inproc", "ray")
 
     async def __aenter__(self) -> AsyncTransferQueueClient:
         return self
@@ -236,7 +237,7 @@ class AsyncTransferQueueClient:
         if not meta.rows or not names:
             return TensorDict({}, batch_size=[len(meta.rows)], device=device)
         parts = await self._per_unit_get(meta.partition_id, meta.rows, names)
-        return assemble(len(meta.rows), names, parts, device=device, copy=self._replies_shared)
+        return assemble(len(meta.rows), names, parts, device=device, copy=self._replies_borrowed)
 
     async def _per_unit_get(
         self, partition_id: str, rows: Sequence[int], fields: list[str]
