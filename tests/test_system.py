@@ -41,6 +41,9 @@ def test_unknown_config_key_names_valid_ones() -> None:
         load_config({"storage": {"unitz": 2}})
     with pytest.raises(ConfigError, match="transport"):
         load_config({"transport": "carrier-pigeon"})
+    for stripe in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="stripe_rows"):
+            load_config({"storage": {"stripe_rows": stripe}})
 
 
 @pytest.mark.parametrize("value", ["-1", "lots"])
