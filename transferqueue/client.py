@@ -23,6 +23,7 @@ from transferqueue.errors import SchemaError
 from transferqueue.loop import runtime_loop
 from transferqueue.metadata import BatchMeta, PartitionInfo
 from transferqueue.storage.routing import split_rows, take
+from transferqueue.transports import transport_class
 
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
 _WAIT_MARGIN_S = 30.0
@@ -36,9 +37,10 @@ class AsyncTransferQueueClient:
         self._controller = controller
         self._units = list(units)
         self._stripe = config.storage.stripe_rows
-        # replies that are not the caller's to keep: inproc ones are the store's own memory
-        # (views), ray ones read-only object-store memory. Results made of them are copies.
-        self._replies_borrowed = bool(units) and units[0].address.transport in ("inproc", "ray")
+        # results made of replies the transport does not hand over are copies
+        self._replies_borrowed = bool(units) and not (
+            transport_class(units[0].address.transport).replies_owned
+        )
 
     async def __aenter__(self) -> AsyncTransferQueueClient:
         return self

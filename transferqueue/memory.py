@@ -68,7 +68,7 @@ def empty(
 ) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)``; big CPU ones on huge pages."""
     shape = tuple(shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     on_cpu = device is None or torch.device(device).type == "cpu"
     if not (_HUGE and on_cpu and nbytes >= HUGE_MIN_BYTES):
         return torch.empty(shape, dtype=dtype, device=device)
@@ -77,13 +77,16 @@ def empty(
     return on_storage(torch.frombuffer(region, dtype=torch.uint8).untyped_storage(), shape, dtype)
 
 
+def storage_users(storage: torch.UntypedStorage) -> int:
+    """How many tensors and storage objects hold ``storage``'s memory (the Python object
+    passed in counts once): how the store tells whether views it handed out are alive."""
+    return int(torch._C._storage_Use_Count(storage._cdata))
+
+
 def on_storage(
     storage: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
     """A contiguous tensor of ``shape`` at the start of ``storage`` that is not a view of
     another tensor (no ``_base``): it alone holds the storage."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, tuple(reversed(strides)))
+    strides = torch.empty(shape, dtype=dtype, device="meta").stride()  # allocates nothing
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)

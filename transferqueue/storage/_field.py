@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferqueue import memory
 from transferqueue.errors import SchemaError
 from transferqueue.storage._arena import JaggedArena, gather_dense, is_range, word_rows
 from transferqueue.storage._pool import BufferPool
@@ -106,8 +107,8 @@ def dense_rows(data: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
 def shared(buffer: torch.Tensor) -> bool:
     """Whether tensors other than ``buffer`` itself use its memory (views handed out by a
     read and still alive: an inproc reply, a zmq frame being sent)."""
-    storage = buffer.untyped_storage()  # this Python storage object counts once
-    return bool(torch._C._storage_Use_Count(storage._cdata) > 2)
+    # ``buffer`` and the storage object made here count once each
+    return memory.storage_users(buffer.untyped_storage()) > 2
 
 
 def _fit(

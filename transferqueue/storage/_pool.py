@@ -28,11 +28,6 @@ _MAX_WASTE = 4  # a pooled storage serves a request of at least 1/_MAX_WASTE of 
 __all__ = ["MIN_POOL_BYTES", "BufferPool"]
 
 
-def _in_use(storage: torch.UntypedStorage) -> bool:
-    """Whether tensors still use ``storage`` (views a read handed out, still being sent)."""
-    return bool(torch._C._storage_Use_Count(storage._cdata) > 1)
-
-
 class BufferPool:
     """Untyped storages of dropped dense buffers, oldest first."""
 
@@ -66,7 +61,11 @@ class BufferPool:
         for i, s in enumerate(self._free):
             size = s.nbytes()
             fits = need <= size <= _MAX_WASTE * need
-            if fits and (best < 0 or size < self._free[best].nbytes()) and not _in_use(s):
+            if (
+                fits
+                and (best < 0 or size < self._free[best].nbytes())
+                and memory.storage_users(s) == 1
+            ):
                 best = i
         if need == 0 or best < 0:
             return memory.empty((rows, *row_shape), dtype)

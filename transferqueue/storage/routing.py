@@ -196,14 +196,14 @@ def take(column: Any, positions: Any) -> Any:
         parts = _jagged_parts(column)
         if parts is not None:
             values, offsets = parts
-            starts, lengths = offsets[:-1][pos], offsets.diff()[pos]
+            lengths = offsets.diff()[pos]
             share = values.nbytes * pos.numel() // max(1, column.size(0))
             found = [(int(pos[0]), pos.numel())] if is_range(pos) else _piece_runs(pos, share)
             if found is not None:
                 bounds = offsets.tolist()
                 views = [values[bounds[a] : bounds[a + k]] for a, k in found]
                 return {"values": views, "lengths": lengths}
-            vals, offs = gather_jagged(values, starts, lengths)
+            vals, offs = gather_jagged(values, offsets[:-1][pos], lengths)
             return torch.nested.nested_tensor_from_jagged(vals, offsets=offs.to(values.device))
         if column.is_nested:
             rows = column.unbind()

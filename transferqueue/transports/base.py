@@ -46,6 +46,10 @@ class ActorHandle(abc.ABC):
 
 class Transport(abc.ABC):
     name: str = ""
+    #: whether the tensors of a reply are the receiving process's own memory (zmq: its
+    #: receive buffers). Otherwise (inproc: the actor's memory; ray: read-only object-store
+    #: memory) the client copies what it hands to callers.
+    replies_owned: bool = False
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -475,6 +475,7 @@ def _read_address(proc: subprocess.Popen[bytes]) -> str:
 
 class ZmqTransport(Transport):
     name = "zmq"
+    replies_owned = True
 
     async def spawn(
         self,
