@@ -109,14 +109,23 @@ async def test_grpo_groups_by_tag(aclient, pid) -> None:
     assert [t["uid"] for t in meta.tags] == [0, 1, 0, 1, 2, 2]
 
 
+async def _until_waiting(aclient, pid: str, task: str, n: int) -> None:
+    """Return once the controller counts ``n`` waiting get_meta calls of ``task``."""
+    while (await aclient.partition_info(pid)).waiting.get(task, 0) != n:
+        pass
+
+
 async def test_waiters_of_one_task_are_served_in_arrival_order(aclient, pid) -> None:
-    waiters = [
-        asyncio.ensure_future(aclient.get_meta(["a"], 2, pid, "t", timeout=60)) for _ in range(3)
-    ]
-    await aclient.get_meta(["a"], 1, pid, "other", wait=False)  # the waiters' requests are in
+    await aclient.create_partition(pid)
+    assert (await aclient.partition_info(pid)).waiting == {}
+    waiters = []
+    for n in (1, 2, 3):  # concurrent calls may reach a Ray actor in any order: one at a time
+        waiters.append(asyncio.ensure_future(aclient.get_meta(["a"], 2, pid, "t", timeout=60)))
+        await asyncio.wait_for(_until_waiting(aclient, pid, "t", n), 30)
     for start in (0, 2, 4):
         await aclient.put({"a": torch.arange(start, start + 2)}, partition_id=pid)
     assert [sorted((await w).rows) for w in waiters] == [[0, 1], [2, 3], [4, 5]]
+    assert (await aclient.partition_info(pid)).waiting == {}
 
 
 async def test_a_rank_waiting_for_a_later_step_does_not_block_its_group() -> None:

@@ -185,7 +185,8 @@ class PartitionInfo:
 
     ``size`` counts live rows, pending slots included; ``produced`` maps each field to the
     number of live rows that have it; ``consumed`` maps each task to the number of live rows
-    it has consumed.
+    it has consumed; ``waiting`` maps each task to the number of its ``get_meta`` calls
+    waiting for rows of this partition right now (who waits on what, when a job hangs).
     """
 
     partition_id: str
@@ -194,6 +195,7 @@ class PartitionInfo:
     sealed: bool
     produced: dict[str, int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         """Plain values for the wire codec."""
@@ -204,6 +206,7 @@ class PartitionInfo:
             "sealed": self.sealed,
             "produced": dict(self.produced),
             "consumed": dict(self.consumed),
+            "waiting": dict(self.waiting),
         }
 
     @classmethod
@@ -216,6 +219,7 @@ class PartitionInfo:
             sealed=bool(plain["sealed"]),
             produced=dict(plain.get("produced", {})),
             consumed=dict(plain.get("consumed", {})),
+            waiting=dict(plain.get("waiting", {})),
         )
 
 

@@ -131,7 +131,7 @@ def test_wire_and_pickle_round_trip() -> None:
 
 
 def test_partition_info() -> None:
-    info = PartitionInfo("p", 4, 8, False, {"x": 3}, {"train": 1})
+    info = PartitionInfo("p", 4, 8, False, {"x": 3}, {"train": 1}, {"train": 2})
     with pytest.raises(AttributeError):
         info.size = 5  # type: ignore[misc]
     plain = info.to_plain()

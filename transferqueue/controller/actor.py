@@ -8,6 +8,7 @@ Waiters of one (partition, task, rank, batch_index) are served in arrival order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,12 +60,12 @@ class ControllerActor:
     async def create_partition(self, pid: str, expected_size: int = 0) -> PartitionInfo:
         self._state.create_partition(pid, expected_size)
         self._changed(pid)
-        return self._state.partition_info(pid)
+        return self._info(pid)
 
     async def seal(self, pid: str) -> PartitionInfo:
         self._state.seal(pid)
         self._changed(pid)
-        return self._state.partition_info(pid)
+        return self._info(pid)
 
     async def clear_partition(self, pid: str) -> None:
         self._state.clear_partition(pid)
@@ -83,7 +84,14 @@ class ControllerActor:
         return self._state.list_partitions()
 
     async def partition_info(self, pid: str) -> PartitionInfo:
-        return self._state.partition_info(pid)
+        return self._info(pid)
+
+    def _info(self, pid: str) -> PartitionInfo:
+        waiting: dict[str, int] = {}
+        for (qpid, task, *_), queue in self._queues.items():
+            if qpid == pid:
+                waiting[task] = waiting.get(task, 0) + len(queue)
+        return dataclasses.replace(self._state.partition_info(pid), waiting=waiting)
 
     # ------------------------------------------------------------------ writes
     def _check_specs(self, pid: str, specs: Mapping[str, Any]) -> None:
