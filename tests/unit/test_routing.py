@@ -252,3 +252,16 @@ def test_a_forked_child_merges_while_the_parent_holds_the_result_pool() -> None:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+
+
+def test_non_tensor_columns_come_back_as_one_stack_per_batch() -> None:
+    from tensordict import NonTensorStack
+
+    from transferqueue.columns import assemble as assemble_td
+
+    for values in (["a", 1, {"k": 2}, None, 2.5, "f"], [[1, 2], [3], "x", (4,), [], {"k": 1}]):
+        pos = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])]
+        parts = [(p, {"v": [values[i] for i in p.tolist()]}) for p in pos]
+        got = assemble_td(len(values), ["v"], parts).get("v")
+        assert isinstance(got, NonTensorStack) and got.batch_size == (len(values),)
+        assert got.tolist() == values

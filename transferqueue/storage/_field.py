@@ -296,6 +296,8 @@ class Field:
 
     def release(self, slots: torch.Tensor) -> int:
         """Empty the cells at ``slots`` (unique); returns the bytes they held."""
+        if self.count == 0:  # a new field (or one cleared): nothing to look at
+            return 0
         st = self.states(slots)
         held = st != ABSENT
         n_dense = int((st == DENSE).sum())
