@@ -13,7 +13,10 @@ Per transport (default config: 2 storage units):
   run and shared by the benchmarks, see ``_common.zmq_config``); this process is the
   producer, the consumer is a spawned process that attaches with the system's config. put = ``client.put`` returning in the
   producer; get = ``get_meta(wait=True)`` + ``get_data`` in the consumer; round trip =
-  payload / (put + get). Medians over the repeats, after one warm-up.
+  bytes in and out / (put + get) = 2 x payload / (put + get), the convention of the
+  transport benchmark's echo (a payload carried to the actor and back); the JSON also has
+  ``roundtrip_once_GBps`` = payload / (put + get). Medians over the repeats, after one
+  warm-up.
 * inproc: producer and consumer are this one process (inproc cannot span processes);
 * ray (full run only, 128 MiB workloads, 2 repeats): as zmq, on a Ray cluster started here
   with ``num_cpus=2`` (the consumer process joins it by address) and shut down after.
@@ -22,9 +25,9 @@ Machine limits measured in the same run: a bare pyzmq DEALER -> ROUTER one-way t
 of the same frames (``codec.encode`` of the batch) to another process, answered by an
 empty frame; a single-thread ``copy_`` into pre-touched memory and into fresh pages (page
 faults: what any write into new buffers pays); the storage unit's ``Store`` alone
-(no actor, no codec) writing a new partition and reading it back shuffled; and the bound on
-an inproc round trip, which copies the batch twice (into the store on put, out of it on
-get): half the all-core ``copy_`` rate into pre-touched memory.
+(no actor, no codec) writing a new partition and reading it back shuffled; and the all-core
+``copy_`` rate into pre-touched memory: the bound on an inproc round trip, which copies the
+batch twice (into the store on put, out of it on get).
 
 Also runnable alone: ``python benchmarks/bench_data.py [--quick]``.
 """
@@ -47,6 +50,7 @@ from transferqueue import codec
 
 DTYPES = [torch.int64, torch.int64, torch.int64, torch.float32, torch.float32]
 #: the public TransferQueue 0.1.11 on this machine (single storage unit), quoted in issue 4
+BOUND = "memcpy all cores, pre-touched, 128 MiB (bound on an inproc round trip: 2 copies)"
 PUBLIC = {("dense 128 MiB", "zmq"): (1.5, 0.6), ("complex 128 MiB", "zmq"): (0.45, 0.45)}
 
 
@@ -164,7 +168,8 @@ def _measure(
         out[name] = {
             "put_GBps": rate(nbytes, put),
             "get_GBps": rate(nbytes, get_s),
-            "roundtrip_GBps": rate(nbytes, put + get_s),
+            "roundtrip_GBps": rate(2 * nbytes, put + get_s),
+            "roundtrip_once_GBps": rate(nbytes, put + get_s),
         }
         if bare is not None:
             out[name]["bare_pyzmq_GBps"] = rate(nbytes, p50(bares))
@@ -254,8 +259,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         _, batch, nbytes, rows, _ = next(w for w in work if w[0] == "dense 128 MiB")
         limits["memcpy into fresh pages, 128 MiB"] = memcpy_gbps(nbytes, 3, fresh=True)
         # inproc put copies the batch into the store once, get copies it out once
-        both = memcpy_gbps(nbytes, 3, fresh=False, threads=torch.get_num_threads())
-        limits["inproc round-trip bound, 128 MiB (2 copies at all-core memcpy)"] = both / 2
+        limits[BOUND] = memcpy_gbps(nbytes, 3, fresh=False, threads=torch.get_num_threads())
         write, read = store_gbps(batch, nbytes, rows, 2 if quick else 3)
         limits["Store alone: write new partition, 128 MiB"] = write
         limits["Store alone: read shuffled, 128 MiB"] = read
@@ -288,12 +292,18 @@ def run(quick: bool = False) -> dict[str, Any]:
                     lines[-1][5] = f"memcpy 1 thread {fmt(memcpy)}"
                     lines[-1][6] = f"{f['put_GBps'] / memcpy:.2f}x"
                     lines[-1][7] = f"{f['get_GBps'] / memcpy:.2f}x"
+                bound = figures["limits"].get(BOUND)
+                if bound and target.startswith("round trip"):
+                    lines[-1][8] += (
+                        f" ({f['roundtrip_GBps'] / bound:.2f}x the bound; payload once: "
+                        f"{fmt(f['roundtrip_once_GBps'])})"
+                    )
         for label, value in figures["limits"].items():
             if not label.startswith("memcpy pre-touched"):
                 lines.append(f"machine: {label}: {fmt(value, 'GB/s')}")
         print_grid(
             "data plane (issue 4): GB/s = payload bytes / seconds, medians; get = get_meta + "
-            "get_data in another process (zmq)",
+            "get_data in another process (zmq); round trip = 2 x payload / (put + get)",
             [
                 "workload",
                 "transport",

@@ -22,7 +22,7 @@ from transferqueue.config import Config
 from transferqueue.errors import SchemaError
 from transferqueue.loop import runtime_loop
 from transferqueue.metadata import BatchMeta, PartitionInfo
-from transferqueue.storage.routing import split_rows, take
+from transferqueue.storage.routing import runs, split_rows, take
 from transferqueue.transports import transport_class
 
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
@@ -183,7 +183,8 @@ class AsyncTransferQueueClient:
         for unit, (positions, unit_rows) in groups.items():
             args: list[Any] = [partition_id, unit_rows]
             if columns is not None:
-                args.append({name: take(col, positions) for name, col in columns.items()})
+                found = runs(positions)  # the same for every column
+                args.append({name: take(col, positions, found) for name, col in columns.items()})
             calls.append(self._units[unit].call(method, *args))
             order.append(positions)
         results = await asyncio.gather(*calls)

@@ -122,8 +122,10 @@ def assemble(
 
     ``copy``: the columns share memory with the store (inproc replies); the result won't."""
     out: dict[str, Any] = {}
+    # every field has the same pieces of the batch: find their runs once
+    found = [routing.runs(pos) for pos, _ in parts] if n >= routing.SMALL else None
     for name in fields:
-        merged = routing.assemble([(pos, cols[name]) for pos, cols in parts], n, copy)
+        merged = routing.assemble([(pos, cols[name]) for pos, cols in parts], n, copy, found)
         out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
     td = TensorDict(out, batch_size=[n])
     return td.to(device) if device is not None else td

@@ -120,7 +120,16 @@ def _round_trip(column: object, rows: list[int], num_units: int) -> object:
     """Split a batch column by unit, then put the pieces back together."""
     parts = split_rows("p", rows, num_units)
     pieces = [(pos, _stored(take(column, pos))) for pos, _ in parts.values()]
-    return assemble(pieces, len(rows))
+    out = assemble(pieces, len(rows))
+    # the runs of each piece's positions, found once by the caller, give the same result
+    again = assemble(pieces, len(rows), found=[runs(pos) for pos, _ in pieces])
+    if isinstance(out, torch.Tensor) and out.is_nested:
+        assert all(torch.equal(a, b) for a, b in zip(out.unbind(), again.unbind(), strict=True))
+    elif isinstance(out, torch.Tensor):
+        assert torch.equal(out.view(torch.uint8), again.view(torch.uint8))
+    else:
+        assert out == again
+    return out
 
 
 @pytest.mark.parametrize(
@@ -155,6 +164,10 @@ def test_big_columns_travel_as_views_of_runs(num_units: int) -> None:
     for pos, _ in split_rows("p", rows, num_units).values():
         piece = take(dense, pos)
         assert isinstance(piece, dict) and len(piece["pieces"]) == len(runs(pos))
+        given = take(dense, pos, runs(pos))  # runs found once for all columns: same pieces
+        assert [(p.data_ptr(), p.shape) for p in given["pieces"]] == [
+            (p.data_ptr(), p.shape) for p in piece["pieces"]
+        ]
         assert all(p.data_ptr() >= dense.data_ptr() for p in piece["pieces"])  # views
         assert torch.equal(torch.cat(piece["pieces"]), dense[pos])
         packed = take(jagged, pos)

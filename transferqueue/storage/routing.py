@@ -172,17 +172,19 @@ def runs(positions: Any) -> list[tuple[int, int]]:
     return [(s, b - a) for s, a, b in zip(starts, bounds[:-1], bounds[1:], strict=True)]
 
 
-def _piece_runs(pos: torch.Tensor, share_bytes: int) -> list[tuple[int, int]] | None:
+def _piece_runs(
+    pos: torch.Tensor, share_bytes: int, found: list[tuple[int, int]] | None
+) -> list[tuple[int, int]] | None:
     """The runs of ``pos`` when sending them as separate views beats one gathered copy."""
     if pos.numel() < 2 or share_bytes < 2 * PIECE_BYTES:
         return None
-    found = runs(pos)
+    found = runs(pos) if found is None else found
     if 1 < len(found) <= MAX_PIECES and share_bytes >= PIECE_BYTES * len(found):
         return found
     return None
 
 
-def take(column: Any, positions: Any) -> Any:
+def take(column: Any, positions: Any, found: list[tuple[int, int]] | None = None) -> Any:
     """The entries of a batch column at ``positions``, same kind of column.
 
     Dense tensor -> a slice (one run of positions) or ``index_select``; jagged nested tensor
@@ -190,29 +192,32 @@ def take(column: Any, positions: Any) -> Any:
     -> list of per-row tensors. Positions that form a few long runs (a unit's blocks of a big
     batch, see the module docstring) give views, nothing copied: ``{"pieces": [view, ...]}``
     of a dense column, ``{"values": [view, ...], "lengths": lengths}`` of a jagged one.
+    ``found``: ``runs(positions)``, when the caller takes several columns at the same
+    positions and computed it once.
     """
     pos = torch.as_tensor(positions, dtype=torch.int64)
+    one_run = len(found) == 1 if found is not None else is_range(pos)
     if isinstance(column, torch.Tensor):
         parts = _jagged_parts(column)
         if parts is not None:
             values, offsets = parts
             lengths = offsets.diff()[pos]
             share = values.nbytes * pos.numel() // max(1, column.size(0))
-            found = [(int(pos[0]), pos.numel())] if is_range(pos) else _piece_runs(pos, share)
-            if found is not None:
+            views_at = [(int(pos[0]), pos.numel())] if one_run else _piece_runs(pos, share, found)
+            if views_at is not None:
                 bounds = offsets.tolist()
-                views = [values[bounds[a] : bounds[a + k]] for a, k in found]
+                views = [values[bounds[a] : bounds[a + k]] for a, k in views_at]
                 return {"values": views, "lengths": lengths}
             vals, offs = gather_jagged(values, offsets[:-1][pos], lengths)
             return torch.nested.nested_tensor_from_jagged(vals, offsets=offs.to(values.device))
         if column.is_nested:
             rows = column.unbind()
             return [rows[i] for i in pos.tolist()]
-        if is_range(pos):  # a slice: no copy (the store copies on write)
+        if one_run:  # a slice: no copy (the store copies on write)
             return column[int(pos[0]) : int(pos[0]) + pos.numel()]
-        found = _piece_runs(pos, column[0:1].nbytes * pos.numel())
-        if found is not None:
-            return {"pieces": [column[a : a + k] for a, k in found]}
+        views_at = _piece_runs(pos, column[0:1].nbytes * pos.numel(), found)
+        if views_at is not None:
+            return {"pieces": [column[a : a + k] for a, k in views_at]}
         return _select(column, pos)
     if isinstance(column, (list, tuple)):
         return [column[i] for i in pos.tolist()]
@@ -241,23 +246,20 @@ def _select(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _long_runs(
-    pieces: list[tuple[torch.Tensor, Any]], n: int
+    pieces: list[tuple[torch.Tensor, Any]], n: int, found: list[list[tuple[int, int]]] | None
 ) -> list[list[tuple[int, int]]] | None:
     """Each piece's runs of positions, when they are long enough (>= 8 rows on average) for
-    one slice copy per run to beat an indexed copy."""
+    one slice copy per run to beat an indexed copy. ``found``: the runs, if known."""
     if n < SMALL:
         return None
-    found = []
-    total = 0
-    for pos, _ in pieces:
-        found.append(runs(pos))
-        total += len(found[-1])
-        if total * 8 > n:
-            return None
-    return found
+    if found is None:
+        found = [runs(pos) for pos, _ in pieces]
+    return found if sum(len(f) for f in found) * 8 <= n else None
 
 
-def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Tensor:
+def _assemble_dense(
+    pieces: list[tuple[torch.Tensor, Any]], n: int, found: list[list[tuple[int, int]]] | None
+) -> torch.Tensor:
     first = pieces[0][1]
     if n < SMALL and sum(pos.numel() for pos, _ in pieces) == n:
         # one cat + one gather: fewer torch calls than an index_copy_ per piece
@@ -268,11 +270,11 @@ def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Ten
     out = _output((n, *first.shape[1:]), first.dtype, first.device)
     if out[0:1].numel() == 0:
         return out
-    long_runs = _long_runs(pieces, n)
+    long_runs = _long_runs(pieces, n, found)
     if long_runs is not None:  # blocks of a striped batch: one slice copy per run
-        for (_, col), found in zip(pieces, long_runs, strict=True):
+        for (_, col), piece_runs in zip(pieces, long_runs, strict=True):
             i = 0
-            for start, k in found:
+            for start, k in piece_runs:
                 out[start : start + k].copy_(col[i : i + k])
                 i += k
         return out
@@ -283,15 +285,18 @@ def _assemble_dense(pieces: list[tuple[torch.Tensor, Any]], n: int) -> torch.Ten
 
 
 def _assemble_jagged(
-    pieces: list[tuple[torch.Tensor, Any]], packed: list[tuple[torch.Tensor, torch.Tensor]], n: int
+    pieces: list[tuple[torch.Tensor, Any]],
+    packed: list[tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    found: list[list[tuple[int, int]]] | None,
 ) -> torch.Tensor:
-    long_runs = _long_runs(pieces, n)
+    long_runs = _long_runs(pieces, n, found)
     if long_runs is not None:  # blocks of a striped batch: one cat of run slices
         segments = []
-        for (vals, lens), found in zip(packed, long_runs, strict=True):
+        for (vals, lens), piece_runs in zip(packed, long_runs, strict=True):
             offs = offsets_of(lens).tolist()
             i = 0
-            for start, k in found:
+            for start, k in piece_runs:
                 segments.append((start, vals[offs[i] : offs[i + k]], lens[i : i + k]))
                 i += k
         segments.sort(key=lambda seg: seg[0])
@@ -313,13 +318,20 @@ def _assemble_jagged(
     return torch.nested.nested_tensor_from_jagged(vals, offsets=offsets.to(vals.device))
 
 
-def assemble(pieces: list[tuple[Any, Any]], n: int, copy: bool = False) -> Any:
+def assemble(
+    pieces: list[tuple[Any, Any]],
+    n: int,
+    copy: bool = False,
+    found: list[list[tuple[int, int]]] | None = None,
+) -> Any:
     """Put per-unit answers ``[(positions, column), ...]`` back together in batch order.
 
     Dense pieces of one row shape -> one dense tensor; pieces whose rows differ only in the
     first dim (jagged nested tensors, dense pieces of other lengths) -> a jagged nested tensor;
     anything else -> a list with one entry per row. ``copy``: the pieces may share memory
-    with a store (inproc), so the result must not -- a lone piece is cloned.
+    with a store (inproc), so the result must not -- a lone piece is cloned. ``found``:
+    ``runs`` of each piece's positions, when the caller merges several columns of the same
+    pieces and computed them once.
     """
     pieces = [(torch.as_tensor(pos, dtype=torch.int64), col) for pos, col in pieces]
     cols = [col for _, col in pieces]
@@ -331,12 +343,12 @@ def assemble(pieces: list[tuple[Any, Any]], n: int, copy: bool = False) -> Any:
     if all(isinstance(c, torch.Tensor) and not c.is_nested for c in cols):
         shapes = {(tuple(c.shape[1:]), c.dtype) for c in cols}
         if len(shapes) == 1:
-            return _assemble_dense(pieces, n)
+            return _assemble_dense(pieces, n, found)
     packed = [_as_jagged(c) for c in cols]
     if all(p is not None for p in packed):
         kinds = {(tuple(p[0].shape[1:]), p[0].dtype) for p in packed if p is not None}
         if len(kinds) == 1:
-            return _assemble_jagged(pieces, [p for p in packed if p is not None], n)
+            return _assemble_jagged(pieces, [p for p in packed if p is not None], n, found)
     out: list[Any] = [None] * n
     for pos, col in pieces:
         items = col.unbind() if isinstance(col, torch.Tensor) else col
