@@ -154,8 +154,15 @@ class BareZmq:
         import zmq
 
         code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import _actors; _actors.bare_zmq_server({reply!r})"
+        # the malloc settings transferqueue's processes use (transferqueue.memory), so the
+        # bare server, too, receives into reused pages rather than fresh ones
+        env = {
+            **os.environ,
+            "MALLOC_MMAP_THRESHOLD_": str(2**30),
+            "MALLOC_TRIM_THRESHOLD_": str(2**30),
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         assert self.proc.stdout is not None
         endpoint = self.proc.stdout.readline().decode().strip()

@@ -43,6 +43,10 @@ class ZmqConfig:
     ipc_dir: str | None = None
     #: seconds an actor process may take to start
     start_timeout: float = 60.0
+    #: raise glibc's mmap and trim thresholds in a process that connects to zmq actors, so
+    #: big messages land in reused heap pages, not fresh ones (see transferqueue.memory);
+    #: actor processes always do. Up to 1 GiB of freed memory then stays mapped for reuse
+    tune_malloc: bool = True
 
 
 @dataclass(frozen=True)

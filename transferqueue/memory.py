@@ -9,13 +9,15 @@ anonymous ``mmap``, unmapped when the tensor is freed; it behaves like any other
 (shared memory for DataLoader workers and pinning copy it as usual). Where huge pages are
 off (``never``) or the platform lacks ``madvise``, it is plain ``torch.empty``.
 
-glibc serves every allocation above a dynamic threshold with a fresh ``mmap`` and unmaps it
-on free, so each large message or buffer is written into fresh pages; on VMs a page fault
-costs so much that copying into fresh pages runs at a fifth of memcpy speed. Raising the
-mmap threshold to glibc's maximum (32 MiB) and the trim threshold to 1 GiB makes such
-buffers come from the heap and be reused. The price: up to 1 GiB of freed memory stays
-mapped in the process. Client processes are the user's: set the same with the environment
-variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``.
+glibc serves every allocation above a dynamic threshold (at most 32 MiB) with a fresh
+``mmap`` and unmaps it on free, so each large message or buffer is written into fresh pages;
+on VMs a page fault costs so much that copying into fresh pages runs at a fifth of memcpy
+speed. Raising the mmap threshold to 1 GiB (32 MiB where glibc refuses more) and the trim
+threshold to 1 GiB makes such buffers come from the heap and be reused: a zmq get of a
+128 MiB batch ran ~1.6x faster in the consumer with it. The price: up to 1 GiB of freed
+memory stays mapped in the process. Actor processes always apply it; a process that connects
+to zmq actors does unless ``zmq.tune_malloc`` is false (then the environment variables
+``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824`` do the same).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def tune_malloc_for_large_buffers() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
-        return ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+        mmap_ok = any(libc.mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (2**30, 32 * 2**20))
+        return mmap_ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
     except (OSError, AttributeError):  # not glibc
         return False
 

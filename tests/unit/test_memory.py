@@ -13,6 +13,42 @@ from transferqueue.memory import HUGE_MIN_BYTES, empty
 
 CODE = "from transferqueue.memory import tune_malloc_for_large_buffers as t; print(t())"
 
+# In a child: how many bytes a 64 MiB malloc adds to glibc's mmapped regions (mallinfo2's
+# hblkhd), after ``SETUP`` ran. Untuned glibc maps it fresh; tuned, it comes from the heap.
+MAPPED = """
+import ctypes, ctypes.util
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+{setup}
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(64 << 20)
+print(libc.mallinfo2().hblkhd - before)
+libc.free(p)
+"""
+CONNECT = """
+import asyncio
+from transferqueue.actor import Address
+from transferqueue.config import load_config
+from transferqueue.transports.zmq import ZmqTransport
+config = load_config({{"transport": "zmq", "zmq": {{"tune_malloc": {tune}}}}})
+async def connect():
+    await ZmqTransport.connect(Address("zmq", "tcp://127.0.0.1:9"), config).aclose()
+asyncio.run(connect())
+"""
+
+
+def _mapped_by_big_malloc(setup: str, env: dict[str, str]) -> int:
+    code = MAPPED.format(setup=setup)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
 
 def test_malloc_tuning_applies_on_glibc(python_env) -> None:
     out = subprocess.run(
@@ -21,6 +57,15 @@ def test_malloc_tuning_applies_on_glibc(python_env) -> None:
     assert out.returncode == 0, out.stderr
     expected = sys.platform.startswith("linux")
     assert out.stdout.strip() == str(expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_a_zmq_client_process_takes_big_buffers_from_the_heap(python_env) -> None:
+    assert _mapped_by_big_malloc("", python_env) >= 64 << 20  # glibc's default: a fresh map
+    assert _mapped_by_big_malloc(CODE.replace("print", "assert "), python_env) == 0
+    # connecting to zmq actors tunes the process, unless the config says not to
+    assert _mapped_by_big_malloc(CONNECT.format(tune=True), python_env) == 0
+    assert _mapped_by_big_malloc(CONNECT.format(tune=False), python_env) >= 64 << 20
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64])
