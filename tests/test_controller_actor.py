@@ -146,3 +146,59 @@ async def test_a_rank_waiting_for_a_later_step_does_not_block_its_group() -> Non
     second = await controller.get_meta(["a"], 4, "p", "t", cfg(0), wait=False)  # rank B
     assert second.rows == first.rows == [0, 1, 2, 3]
     waiting.cancel()
+
+
+async def test_a_cancelled_waiting_get_meta_is_withdrawn_and_consumes_nothing(aclient, pid) -> None:
+    await aclient.create_partition(pid)
+    waiter = asyncio.ensure_future(aclient.get_meta(["a"], 2, pid, "t", timeout=60))
+    await asyncio.wait_for(_until_waiting(aclient, pid, "t", 1), 30)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    # the controller stops waiting for it too (on zmq and ray it runs in another process)
+    await asyncio.wait_for(_until_waiting(aclient, pid, "t", 0), 30)
+    await aclient.put({"a": torch.arange(2)}, partition_id=pid)
+    assert sorted((await aclient.get_meta(["a"], 2, pid, "t", wait=False)).rows) == [0, 1]
+
+
+async def test_cancel_wait_withdraws_a_queued_call_or_one_that_has_not_arrived() -> None:
+    from transferqueue.controller.actor import ControllerActor
+
+    controller = ControllerActor()
+    spec = {"a": {"dtype": "torch.int64", "ndim": 0}}
+    await controller.create_partition("p")
+    first = asyncio.ensure_future(controller.get_meta(["a"], 2, "p", "t", token="first"))
+    second = asyncio.ensure_future(controller.get_meta(["a"], 2, "p", "t", token="second"))
+    while (await controller.partition_info("p")).waiting.get("t", 0) != 2:
+        await asyncio.sleep(0)  # let both calls reach their wait
+    await controller.cancel_wait("second")  # queued behind "first": returns at once, empty
+    assert (await second).rows == [] and not first.done()
+    # calls may overtake each other: a withdrawal that comes first ends its call on arrival
+    await controller.cancel_wait("late")
+    assert (await controller.get_meta(["a"], 2, "p", "t", token="late")).rows == []
+    rows = (await controller.begin_put("p", spec, 2))["rows"]
+    await controller.commit("p", rows, spec)
+    assert (await first).rows == [0, 1]  # the withdrawn calls consumed nothing
+    assert (await controller.partition_info("p")).waiting == {}
+    for i in range(5000):  # withdrawals of calls that never come are forgotten, oldest first
+        await controller.cancel_wait(f"never-{i}")
+    assert len(controller._withdrawn) <= 4096 and "never-4999" in controller._withdrawn
+
+
+def test_a_sync_call_whose_caller_gives_up_is_cancelled() -> None:
+    import threading
+
+    from transferqueue.loop import runtime_loop
+
+    cancelled = threading.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        runtime_loop().run(forever(), timeout=0.05)
+    assert cancelled.wait(30)  # Ctrl-C in the caller takes the same path

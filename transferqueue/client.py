@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -26,7 +28,15 @@ from transferqueue.storage.routing import runs, split_rows, take
 from transferqueue.transports import transport_class
 
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
+log = logging.getLogger("transferqueue.client")
 _WAIT_MARGIN_S = 30.0
+_withdrawals: set[asyncio.Future[Any]] = set()  # cancel_wait calls in flight
+
+
+def _withdrawn(call: asyncio.Future[Any]) -> None:
+    _withdrawals.discard(call)
+    if not call.cancelled() and call.exception() is not None:
+        log.warning("could not withdraw a cancelled get_meta: %s", call.exception())
 
 
 class AsyncTransferQueueClient:
@@ -215,19 +225,30 @@ class AsyncTransferQueueClient:
             call_timeout = None if timeout is None else timeout + _WAIT_MARGIN_S
         else:
             call_timeout = self.config.runtime.call_timeout
-        # get_meta's own arguments go positionally: ``timeout=`` is the call's timeout
-        return await self._controller.call(
-            "get_meta",
-            list(data_fields),
-            batch_size,
-            partition_id,
-            task_name,
-            sampling_config,
-            wait,
-            timeout,
-            drop_last,
-            timeout=call_timeout,
-        )
+        # a waiting call has a token: if the caller is cancelled while it waits, the
+        # controller withdraws it, so it cannot consume rows for nobody later
+        token = uuid.uuid4().hex if wait else None
+        try:
+            # get_meta's own arguments go positionally: ``timeout=`` is the call's timeout
+            return await self._controller.call(
+                "get_meta",
+                list(data_fields),
+                batch_size,
+                partition_id,
+                task_name,
+                sampling_config,
+                wait,
+                timeout,
+                drop_last,
+                token,
+                timeout=call_timeout,
+            )
+        except asyncio.CancelledError:
+            if token is not None:
+                withdraw = asyncio.ensure_future(self._controller.call("cancel_wait", token))
+                _withdrawals.add(withdraw)
+                withdraw.add_done_callback(_withdrawn)
+            raise
 
     async def get_data(
         self,

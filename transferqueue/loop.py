@@ -55,7 +55,12 @@ class LoopThread:
                 "a synchronous transferqueue call was made from the runtime's own loop thread; "
                 "use the async client (tq.get_async_client()) there"
             )
-        return self.submit(coro).result(timeout)
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except BaseException:  # Ctrl-C or timeout in the caller: the call must not go on
+            future.cancel()
+            raise
 
 
 _lock = threading.Lock()

@@ -13,10 +13,9 @@ How a stream ends
 Prefetch (the choice made here)
     While the consumer holds batch *k*, the stream asks for batch *k+1* **without
     waiting** (``get_meta(wait=False)``) and, when rows are ready, fetches their data too. If
-    nothing is ready, the next step does the blocking, event-driven ``get_meta``. So a
-    consumer that stops early never leaves a waiting request behind in the controller (a
-    cancelled *waiting* request would go on and silently consume rows on zmq and ray). The
-    price: ``get_meta`` marks rows consumed, so when the consumer stops before the stream's
+    nothing is ready, the next step does the blocking, event-driven ``get_meta`` (which the
+    controller withdraws if the consumer is cancelled while it waits). The price of
+    prefetching: ``get_meta`` marks rows consumed, so when the consumer stops before the stream's
     end, the one batch already prefetched (at most ``batch_size`` rows) is lost for the task
     (``reset_consumption`` gives every row back). Pass ``prefetch=False`` to lose nothing.
 

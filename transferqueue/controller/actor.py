@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +19,9 @@ from transferqueue.controller.partition import FieldSpec
 from transferqueue.controller.state import ControllerState
 from transferqueue.errors import PartitionNotFoundError, SchemaError
 from transferqueue.metadata import BatchMeta, PartitionInfo
+
+#: tokens of withdrawn calls that have not arrived kept at most (oldest forgotten first)
+_WITHDRAWN_KEPT = 4096
 
 
 class _Waiters:
@@ -43,6 +46,8 @@ class ControllerActor:
         self._waiters: dict[str, _Waiters] = {}
         self._queues: dict[tuple[Any, ...], deque[object]] = {}
         self._system: dict[str, Any] = {}
+        self._waiting: dict[str, str] = {}  # token of a waiting get_meta -> its partition
+        self._withdrawn: OrderedDict[str, None] = OrderedDict()  # tokens cancel_wait named
 
     def _changed(self, pid: str) -> None:
         waiters = self._waiters.get(pid)
@@ -158,8 +163,19 @@ class ControllerActor:
         wait: bool = True,
         timeout: float | None = None,
         drop_last: bool = False,
+        token: str | None = None,
     ) -> BatchMeta:
+        """``token``: names a waiting call, so that :meth:`cancel_wait` can withdraw it."""
+        if token is not None and token in self._withdrawn:  # withdrawn before it arrived
+            del self._withdrawn[token]
+            return BatchMeta.empty(pid, list(fields))
+
+        def withdrawn() -> bool:
+            return token is not None and token in self._withdrawn
+
         def attempt() -> BatchMeta | None:
+            if withdrawn():
+                return BatchMeta.empty(pid, list(fields))  # consume nothing
             return self._state.get_meta(pid, task, fields, batch_size, sampling_config, drop_last)
 
         # one queue per (partition, task, rank, step): a rank waiting for a later step never
@@ -173,10 +189,29 @@ class ControllerActor:
                 return meta
         if not wait:
             return BatchMeta.empty(pid, list(fields))
-        return await self._wait_turn(key, pid, attempt, timeout)
+        if token is None:
+            return await self._wait_turn(key, pid, attempt, withdrawn, timeout)
+        self._waiting[token] = pid
+        try:
+            return await self._wait_turn(key, pid, attempt, withdrawn, timeout)
+        finally:
+            del self._waiting[token]
+            self._withdrawn.pop(token, None)
+
+    async def cancel_wait(self, token: str) -> None:
+        """Withdraw the waiting ``get_meta`` called with ``token`` (its caller was cancelled):
+        it returns an empty batch and consumes nothing. A token whose call has not arrived
+        yet (calls may overtake each other) is remembered, and that call returns at once."""
+        self._withdrawn[token] = None
+        pid = self._waiting.get(token)
+        if pid is not None:
+            self._changed(pid)
+        else:
+            while len(self._withdrawn) > _WITHDRAWN_KEPT:
+                self._withdrawn.popitem(last=False)
 
     async def _wait_turn(
-        self, key: tuple[Any, ...], pid: str, attempt: Any, timeout: float | None
+        self, key: tuple[Any, ...], pid: str, attempt: Any, withdrawn: Any, timeout: float | None
     ) -> BatchMeta:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -186,7 +221,7 @@ class ControllerActor:
         generation = self._state.generation(pid)
         try:
             while True:
-                if queue[0] is ticket:
+                if queue[0] is ticket or withdrawn():
                     meta = attempt()  # creates the partition if it does not exist yet
                     if meta is not None:
                         return meta
