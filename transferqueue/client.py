@@ -27,8 +27,8 @@ from transferqueue.metadata import BatchMeta, PartitionInfo
 from transferqueue.storage.routing import runs, split_rows, take
 from transferqueue.transports import transport_class
 
-#: seconds added to a waiting get_meta's own timeout to form the call's timeout
 log = logging.getLogger("transferqueue.client")
+#: seconds added to a waiting get_meta's own timeout to form the call's timeout
 _WAIT_MARGIN_S = 30.0
 _withdrawals: set[asyncio.Future[Any]] = set()  # cancel_wait calls in flight
 
