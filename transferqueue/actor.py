@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from transferqueue import errors
+from transferqueue.loop import background
 
 if TYPE_CHECKING:
     from transferqueue.config import Config
@@ -119,13 +120,8 @@ class ActorRef:
             # a channel of a closed loop releases its sockets when collected
 
 
-_closing: set[asyncio.Future[None]] = set()  # close tasks in flight, kept until done
-
-
 def _close_later(channel: Channel) -> None:
-    task = asyncio.ensure_future(channel.aclose())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
+    background(channel.aclose(), "closing a connection")
 
 
 class Dispatcher:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -22,21 +21,13 @@ from transferqueue.actor import ActorRef
 from transferqueue.columns import assemble, field_spec, to_columns
 from transferqueue.config import Config
 from transferqueue.errors import SchemaError
-from transferqueue.loop import runtime_loop
+from transferqueue.loop import background, runtime_loop
 from transferqueue.metadata import BatchMeta, PartitionInfo
 from transferqueue.storage.routing import runs, split_rows, take
 from transferqueue.transports import transport_class
 
-log = logging.getLogger("transferqueue.client")
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
 _WAIT_MARGIN_S = 30.0
-_withdrawals: set[asyncio.Future[Any]] = set()  # cancel_wait calls in flight
-
-
-def _withdrawn(call: asyncio.Future[Any]) -> None:
-    _withdrawals.discard(call)
-    if not call.cancelled() and call.exception() is not None:
-        log.warning("could not withdraw a cancelled get_meta: %s", call.exception())
 
 
 class AsyncTransferQueueClient:
@@ -245,9 +236,8 @@ class AsyncTransferQueueClient:
             )
         except asyncio.CancelledError:
             if token is not None:
-                withdraw = asyncio.ensure_future(self._controller.call("cancel_wait", token))
-                _withdrawals.add(withdraw)
-                withdraw.add_done_callback(_withdrawn)
+                call = self._controller.call("cancel_wait", token)
+                background(call, "withdrawing a cancelled get_meta")
             raise
 
     async def get_data(

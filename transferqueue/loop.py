@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("transferqueue.loop")
+_background: set[asyncio.Future[Any]] = set()  # fire-and-forget tasks, kept until done
+
+
+def background(coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Future[Any]:
+    """Run ``coro`` on the running loop without awaiting it: the task is kept alive until it
+    ends, and a failure is logged as ``what`` (nobody else will see it)."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(lambda t: _finished(t, what))
+    return task
+
+
+def _finished(task: asyncio.Future[Any], what: str) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed: %s", what, task.exception())
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import mmap
 import sys
@@ -38,8 +39,10 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
 def tune_malloc_for_large_buffers() -> bool:
-    """Apply the settings above where glibc is the allocator. Returns whether it did."""
+    """Apply the settings above where glibc is the allocator, once per process (a forked
+    child inherits them). Returns whether it did."""
     if not sys.platform.startswith("linux"):
         return False
     try:

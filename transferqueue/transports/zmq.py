@@ -53,7 +53,6 @@ _POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
 _IO_THREADS = 2
-_tuned = [False]  # whether this process's malloc was tuned (a forked child inherits it)
 _T = TypeVar("_T")
 
 
@@ -507,8 +506,7 @@ class ZmqTransport(Transport):
 
     @classmethod
     def connect(cls, address: Address, config: Config) -> Channel:
-        if config.zmq.tune_malloc and not _tuned[0]:
-            _tuned[0] = True
+        if config.zmq.tune_malloc:
             tune_malloc_for_large_buffers()  # replies land in reused heap pages
         return ZmqChannel(address, config)
 
