@@ -1,6 +1,7 @@
 """Transports: where actors live and how requests reach them.
 
-Only ``zmq.py`` imports zmq and only ``ray.py`` imports ray; both are imported lazily.
+Only ``zmq.py`` (and ``zmq_actor.py``, its actor process) imports zmq and only ``ray.py``
+imports ray; both are imported lazily.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ZMQ transport: each actor runs in a process of its own and serves a ROUTER socket.
 
-* The actor process is started as a fresh interpreter (``python -m
-  transferqueue.transports.zmq``), never by forking a process that holds torch or Ray
+* The actor process (:mod:`transferqueue.transports.zmq_actor`) is started as a fresh
+  interpreter, never by forking a process that holds torch or Ray
   threads. Its start arguments (target class, args, config) arrive on its stdin; the
   process exits when its owner closes that pipe -- or dies, which closes it too: no
   orphans.
@@ -9,7 +9,7 @@
   it and replies are matched by request id.
 * Sockets are plain (blocking-API) pyzmq sockets driven by the event loop: a reader
   callback on the socket's edge-triggered FD drains it with non-blocking calls
-  (:class:`_Pump`), which costs far less than ``zmq.asyncio``. Frames travel zero-copy.
+  (:class:`Pump`), which costs far less than ``zmq.asyncio``. Frames travel zero-copy.
 * A socket monitor notices a peer that went away: calls in flight then fail with
   :class:`~transferqueue.errors.ActorDiedError` at once, not after their timeout.
 * Servers bind to loopback unless ``zmq.host`` says otherwise; ports come from the OS.
@@ -25,9 +25,7 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -36,7 +34,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from transferqueue import codec
-from transferqueue.actor import ActorRef, Address, Dispatcher, error_from_wire, error_to_wire
+from transferqueue.actor import ActorRef, Address, error_from_wire
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError
 from transferqueue.memory import tune_malloc_for_large_buffers
@@ -67,7 +65,7 @@ def _context() -> zmq.Context[zmq.Socket[bytes]]:
     return ctx
 
 
-class _Pump:
+class Pump:
     """A plain zmq socket driven by an event loop.
 
     The socket's FD is edge-triggered: it only says "EVENTS may have changed", and any send
@@ -150,7 +148,7 @@ class _Pump:
         self.sock.close(linger=0)
 
 
-def _release(pumps: list[_Pump]) -> None:
+def _release(pumps: list[Pump]) -> None:
     """Close ``pumps`` from wherever the garbage collector runs: on their loop while it
     runs, else here."""
     loop = pumps[0].loop
@@ -184,8 +182,8 @@ class ZmqChannel(Channel):
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._connected = asyncio.Event()
         self._ever_connected = False
-        self._monitor = _Pump(monitor, self._on_event)  # a PAIR: receives copies
-        self._pump = _Pump(sock, self._on_reply)
+        self._monitor = Pump(monitor, self._on_event)  # a PAIR: receives copies
+        self._pump = Pump(sock, self._on_reply)
         self._closed = False
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
@@ -272,112 +270,6 @@ def _expire(fut: asyncio.Future[Any], method: str, endpoint: str, timeout: float
         )
 
 
-# --------------------------------------------------------------------------- server side
-
-
-class _Server:
-    """The actor process's request loop over a ROUTER socket: handlers run concurrently."""
-
-    def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket[bytes]) -> None:
-        self.dispatcher = dispatcher
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.pump = _Pump(sock, self._on_request)
-
-    def _on_request(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
-            log.warning("dropped a malformed message (%d frames)", len(frames))
-            return
-        try:
-            request = codec.decode([f.buffer for f in frames[1:]])
-            rid, method = request["i"], request["m"]
-            args, kwargs = request.get("a", []), request.get("k", {})
-        except Exception as exc:
-            log.warning("dropped a malformed message: %s", exc)
-            return
-        task = self.pump.loop.create_task(self._handle(frames[0], rid, method, args, kwargs))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(
-        self, ident: zmq.Frame, rid: Any, method: Any, args: Any, kwargs: Any
-    ) -> None:
-        try:
-            result = await self.dispatcher.handle(method, args, kwargs)
-            reply = codec.encode({"i": rid, "r": result})
-        except Exception as exc:
-            reply = codec.encode({"i": rid, "e": error_to_wire(exc)})
-        try:
-            self.pump.send([ident, *reply])
-        except (zmq.ZMQError, ActorClosedError) as exc:  # the peer or we went away
-            log.debug("could not send a reply: %s", exc)
-
-    def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        self.pump.close()
-
-
-def _bind_endpoint(config: Config) -> str:
-    if config.zmq.protocol == "ipc":
-        folder = config.zmq.ipc_dir or tempfile.gettempdir()
-        return f"ipc://{os.path.join(folder, f'tq-{uuid.uuid4().hex[:12]}.sock')}"
-    return f"tcp://{config.zmq.host}:*"
-
-
-def _watch_owner(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """Block on stdin until the owner closes it (or dies), then stop the actor."""
-    try:
-        while sys.stdin.buffer.read(65536):
-            pass
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-
-
-async def _host(spec: dict[str, Any]) -> None:
-    config: Config = spec["config"]
-    actor = spec["target"](*spec["args"], **spec["kwargs"])
-    dispatcher = Dispatcher(actor)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-    sock.bind(_bind_endpoint(config))
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    await dispatcher.start()
-    stop = asyncio.Event()
-    threading.Thread(
-        target=_watch_owner, args=(asyncio.get_running_loop(), stop), daemon=True
-    ).start()
-    sys.stdout.write(f"TQ-ADDRESS {endpoint}\n")
-    sys.stdout.flush()
-    os.dup2(2, 1)  # anything printed later goes to stderr, not the address pipe
-    server = _Server(dispatcher, sock)
-    await stop.wait()
-    server.close()
-    await dispatcher.stop()
-    ctx.term()
-    if endpoint.startswith("ipc://"):
-        with contextlib.suppress(OSError):
-            os.unlink(endpoint[len("ipc://") :])
-
-
-def main() -> None:
-    """Entry point of an actor process: read the spec from stdin, serve until told to stop."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides when we stop
-    tune_malloc_for_large_buffers()  # large frames and buffers reuse heap pages
-    sys.path[:] = pickle.load(sys.stdin.buffer)
-    spec = pickle.load(sys.stdin.buffer)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        import uvloop
-
-        uvloop.run(_host(spec))
-    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-        asyncio.run(_host(spec))
-
-
 # ------------------------------------------------------------------------ owner side
 
 
@@ -440,7 +332,7 @@ class _ZmqHandle(ActorHandle):
 
 def _start_process(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "transferqueue.transports.zmq"],
+        [sys.executable, "-m", "transferqueue.transports.zmq_actor"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         start_new_session=True,  # Ctrl-C reaches the owner only; the owner stops us
@@ -509,7 +401,3 @@ class ZmqTransport(Transport):
         if config.zmq.tune_malloc:
             tune_malloc_for_large_buffers()  # replies land in reused heap pages
         return ZmqChannel(address, config)
-
-
-if __name__ == "__main__":
-    main()

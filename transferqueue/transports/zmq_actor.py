@@ -1,0 +1,139 @@
+"""The actor process of the zmq transport: ``python -m transferqueue.transports.zmq_actor``.
+
+Started by :class:`~transferqueue.transports.zmq.ZmqTransport` as a fresh interpreter. It
+reads its start arguments (the owner's ``sys.path``, then target class, args, config) pickled
+from its stdin -- process start arguments on a pipe, never the wire -- builds the actor,
+binds a ROUTER socket, prints ``TQ-ADDRESS <endpoint>`` and serves requests concurrently
+until its stdin closes (the owner closing it, or dying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import threading
+import uuid
+from typing import Any
+
+import zmq
+
+from transferqueue import codec
+from transferqueue.actor import Dispatcher, error_to_wire
+from transferqueue.config import Config
+from transferqueue.errors import ActorClosedError
+from transferqueue.memory import tune_malloc_for_large_buffers
+from transferqueue.transports.zmq import Pump
+
+log = logging.getLogger("transferqueue.zmq")
+
+
+class _Server:
+    """The actor process's request loop over a ROUTER socket: handlers run concurrently."""
+
+    def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket[bytes]) -> None:
+        self.dispatcher = dispatcher
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pump = Pump(sock, self._on_request)
+
+    def _on_request(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a malformed message (%d frames)", len(frames))
+            return
+        try:
+            request = codec.decode([f.buffer for f in frames[1:]])
+            rid, method = request["i"], request["m"]
+            args, kwargs = request.get("a", []), request.get("k", {})
+        except Exception as exc:
+            log.warning("dropped a malformed message: %s", exc)
+            return
+        task = self.pump.loop.create_task(self._handle(frames[0], rid, method, args, kwargs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(
+        self, ident: zmq.Frame, rid: Any, method: Any, args: Any, kwargs: Any
+    ) -> None:
+        try:
+            result = await self.dispatcher.handle(method, args, kwargs)
+            reply = codec.encode({"i": rid, "r": result})
+        except Exception as exc:
+            reply = codec.encode({"i": rid, "e": error_to_wire(exc)})
+        try:
+            self.pump.send([ident, *reply])
+        except (zmq.ZMQError, ActorClosedError) as exc:  # the peer or we went away
+            log.debug("could not send a reply: %s", exc)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self.pump.close()
+
+
+def _bind_endpoint(config: Config) -> str:
+    if config.zmq.protocol == "ipc":
+        folder = config.zmq.ipc_dir or tempfile.gettempdir()
+        return f"ipc://{os.path.join(folder, f'tq-{uuid.uuid4().hex[:12]}.sock')}"
+    return f"tcp://{config.zmq.host}:*"
+
+
+def _watch_owner(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Block on stdin until the owner closes it (or dies), then stop the actor."""
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+
+
+async def _host(spec: dict[str, Any]) -> None:
+    config: Config = spec["config"]
+    actor = spec["target"](*spec["args"], **spec["kwargs"])
+    dispatcher = Dispatcher(actor)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.bind(_bind_endpoint(config))
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    await dispatcher.start()
+    stop = asyncio.Event()
+    threading.Thread(
+        target=_watch_owner, args=(asyncio.get_running_loop(), stop), daemon=True
+    ).start()
+    sys.stdout.write(f"TQ-ADDRESS {endpoint}\n")
+    sys.stdout.flush()
+    os.dup2(2, 1)  # anything printed later goes to stderr, not the address pipe
+    server = _Server(dispatcher, sock)
+    await stop.wait()
+    server.close()
+    await dispatcher.stop()
+    ctx.term()
+    if endpoint.startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.unlink(endpoint[len("ipc://") :])
+
+
+def main() -> None:
+    """Entry point of an actor process: read the spec from stdin, serve until told to stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides when we stop
+    tune_malloc_for_large_buffers()  # large frames and buffers reuse heap pages
+    sys.path[:] = pickle.load(sys.stdin.buffer)
+    spec = pickle.load(sys.stdin.buffer)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(_host(spec))
+    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
+        asyncio.run(_host(spec))
+
+
+if __name__ == "__main__":
+    main()
