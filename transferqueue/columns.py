@@ -121,6 +121,8 @@ def assemble(
     """Merge per-unit columns (``(positions, columns)``) into one TensorDict of ``n`` rows.
 
     ``copy``: the columns share memory with the store (inproc replies); the result won't."""
+    if device is not None and torch.device(device).type != "cpu":
+        copy = False  # the move to ``device`` below is the copy
     out: dict[str, Any] = {}
     # every field has the same pieces of the batch: find their runs once
     found = [routing.runs(pos) for pos, _ in parts] if n >= routing.SMALL else None
