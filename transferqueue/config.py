@@ -64,6 +64,11 @@ class ControllerConfig:
     pre_allocate: int = 0
     #: built-in sampler name, BaseSampler subclass or instance, or "package.module:Class"
     sampler: Any = "sequential"
+    #: seconds a put may take between allocating its rows and committing them (its *put
+    #: lease*); a put not committed by then is released: its slots go back to pending, its
+    #: appended rows are dropped and their bytes freed, so a stream can always end. The
+    #: writes of a put are bounded by the same deadline, so no byte lands after it
+    put_lease_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,9 @@ class Config:
             raise ConfigError(
                 f"controller.pre_allocate must be >= 0; got {self.controller.pre_allocate}"
             )
+        lease = self.controller.put_lease_s
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+            raise ConfigError(f"controller.put_lease_s must be a number > 0; got {lease!r}")
         if self.zmq.protocol not in ("tcp", "ipc"):
             raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
 
