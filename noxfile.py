@@ -1,44 +1,54 @@
 """nox sessions: tests on each transport, lint, typecheck.
 
-Sessions run in virtualenvs that see the system site-packages, so the torch that is
-already installed is reused: no session downloads a second torch.
+Every session runs in the Python environment nox itself runs in -- the one README's test
+command installed into (``pip install "torch==2.13.0" -e ".[test,ray]" && nox``). No session
+creates a virtualenv or installs anything: the installed torch, ray and test tools are used
+as they are, so set-up costs nothing and no session can download a second (CUDA) torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import nox
 
-nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["lint", "typecheck", "tests"]
-nox.options.reuse_existing_virtualenvs = True
 
-VENV_PARAMS = ["--system-site-packages"]
-
-
-def install(session: nox.Session) -> None:
-    # torch is satisfied from the system site-packages; pip installs nothing it already has
-    session.install("-e", ".[test,ray]")
+#: the interpreter running nox: the environment README's pip command installed into
+PYTHON = sys.executable
+#: what ``pip install -e ".[test,ray]"`` provides; a session refuses to start without it
+REQUIRED = ("transferqueue", "torch", "pytest", "ruff", "mypy", "ray")
 
 
-@nox.session(venv_params=VENV_PARAMS)
+def check_environment(session: nox.Session) -> None:
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    if missing:
+        session.error(
+            f"{PYTHON} lacks {', '.join(missing)}: nox runs the sessions in its own environment; "
+            'install the project there first: pip install "torch==2.13.0" -e ".[test,ray]"'
+        )
+
+
+@nox.session(python=False)
 @nox.parametrize("transport", ["inproc", "zmq", "ray"])
 def tests(session: nox.Session, transport: str) -> None:
     """The test suite on one transport (inproc also runs the transport-free unit tests)."""
-    install(session)
+    check_environment(session)
     args = ["-m", "pytest", f"--transport={transport}", *session.posargs]
     if transport != "inproc":
         args += ["-m", "transport"]
-    session.run("python", *args)
+    session.run(PYTHON, *args)
 
 
-@nox.session(venv_params=VENV_PARAMS)
+@nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    install(session)
-    session.run("python", "-m", "ruff", "check", ".")
-    session.run("python", "-m", "ruff", "format", "--check", ".")
+    check_environment(session)
+    session.run(PYTHON, "-m", "ruff", "check", ".")
+    session.run(PYTHON, "-m", "ruff", "format", "--check", ".")
 
 
-@nox.session(venv_params=VENV_PARAMS)
+@nox.session(python=False)
 def typecheck(session: nox.Session) -> None:
-    install(session)
-    session.run("python", "-m", "mypy")
+    check_environment(session)
+    session.run(PYTHON, "-m", "mypy")

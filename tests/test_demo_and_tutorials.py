@@ -36,6 +36,23 @@ def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert "transport=inproc" in out and "put->consume p50" in out
 
 
+def test_demo_command_prints_only_our_output(python_env: dict[str, str]) -> None:
+    """``python -m transferqueue demo`` as a user runs it: no torch log line on stderr (torch
+    logs "is_fx_tracing will return true ..." the first time a jagged tensor is built)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferqueue", "demo", *SMALL],
+        capture_output=True,
+        text=True,
+        env=python_env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verification: OK" in proc.stdout
+    assert "is_fx_tracing" not in proc.stderr
+    assert proc.stderr == "", proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_demo_on_the_transport_under_test(
     transport_name: str, base_config: dict, capsys: pytest.CaptureFixture[str]

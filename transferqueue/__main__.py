@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
 
     serve = sub.add_parser("serve", help="run controller + storage units as a zmq service")
-    serve.add_argument("--config", metavar="FILE.yaml", help="a YAML config file")
+    serve.add_argument(
+        "--config", metavar="FILE", help="a config file: YAML (.yaml, .yml) or TOML (.toml)"
+    )
     serve.add_argument("--units", type=int, help="number of storage units")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--protocol", choices=["tcp", "ipc"], help="zmq protocol (default tcp)")

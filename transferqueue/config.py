@@ -1,17 +1,20 @@
 """Configuration: frozen dataclasses with every default in one place.
 
-Build a :class:`Config` from any Mapping (a dict, an OmegaConf ``DictConfig``, ...) with
-:func:`load_config`. Unknown keys raise :class:`~transferqueue.errors.ConfigError` naming the
-key and the valid ones. Environment variables are read by :func:`apply_env`, called once by
-``tq.init`` -- never at import.
+Build a :class:`Config` from any Mapping (a dict, an OmegaConf ``DictConfig``, ...) or a
+YAML / TOML file holding the same keys with :func:`load_config`. Unknown keys raise
+:class:`~transferqueue.errors.ConfigError` naming the key and the valid ones (and the file).
+Environment variables are read by :func:`apply_env`, called once by ``tq.init`` -- never at
+import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from transferqueue.errors import ConfigError
@@ -146,15 +149,98 @@ def _dataclass_type(cls: type, name: str) -> type | None:
     return None
 
 
-def load_config(config: Config | Mapping[str, Any] | None = None) -> Config:
-    """Return a :class:`Config` from a Config, a Mapping (dict, DictConfig) or ``None``."""
+def load_config(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+) -> Config:
+    """Return a :class:`Config` from a Config, a Mapping (dict, DictConfig), a config file
+    (a ``pathlib.Path``, or a ``str`` that :func:`config_file_path` takes for one) or
+    ``None``."""
     if config is None:
         return Config()
     if isinstance(config, Config):
         return config
+    if isinstance(config, (str, os.PathLike)):
+        path = config_file_path(config)
+        if path is not None:
+            return _config_from_file(path, _parse_config_file(path))
+        raise ConfigError(
+            f"a config string must name a {'/'.join(CONFIG_FILE_SUFFIXES)} file; got {config!r}"
+        )
     if isinstance(config, Mapping) or hasattr(config, "keys"):
         return _build(Config, config, "")
-    raise ConfigError(f"config must be a Mapping or a Config; got {type(config).__name__}")
+    raise ConfigError(
+        f"config must be a Mapping, a Config or a config file path; got {type(config).__name__}"
+    )
+
+
+#: file names ending in these are config files (TOML for .toml, YAML otherwise)
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".toml")
+
+
+def config_file_path(value: str | os.PathLike[str]) -> Path | None:
+    """``value`` as a config file path: any ``os.PathLike``, or a ``str`` that ends in
+    .yaml/.yml/.toml or names an existing file; ``None`` for any other string (``tq.init``
+    takes those, ``tcp://...`` and ``ipc://...``, for a controller address)."""
+    if not isinstance(value, str):
+        return Path(value)
+    if value.startswith(("tcp://", "ipc://")):
+        return None
+    if value.lower().endswith(CONFIG_FILE_SUFFIXES) or os.path.isfile(value):
+        return Path(value)
+    return None
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping a YAML (.yaml, .yml, or any other name) or TOML (.toml) config file holds,
+    with the keys of the dict form. A missing or unreadable file, bad syntax, a top level that
+    is not a mapping, an unknown key or a bad value raise ConfigError naming the file."""
+    path = Path(path)
+    data = _parse_config_file(path)
+    _config_from_file(path, data)  # every key and value checked, the file named
+    return dict(data)
+
+
+def _parse_config_file(path: Path) -> Mapping[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    data: Any
+    if path.suffix.lower() == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(raw.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:  # an empty YAML file: every default
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping at the top level; "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _config_from_file(path: Path, data: Mapping[str, Any]) -> Config:
+    try:
+        return _build(Config, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+    except (TypeError, AttributeError) as exc:  # a value of the wrong type: ``units: two``
+        raise ConfigError(f"config file {str(path)!r}: bad value: {exc}") from None
 
 
 def parse_pre_allocate(value: str) -> int:

@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
-from pathlib import Path
 from typing import Any
 
+from transferqueue.config import read_config_file
 from transferqueue.errors import ConfigError
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config ``serve`` starts: the ``--config`` file (YAML or TOML, the keys of the dict
+    form; checked here, so an error names the file), then the command-line options."""
     config: dict[str, Any] = {}
     if args.config:
-        import yaml
-
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config} must hold a mapping at the top level")
-        config.update(loaded)
+        config.update(read_config_file(args.config))
     if config.setdefault("transport", "zmq") != "zmq":
-        raise ConfigError("serve runs the zmq transport; remove 'transport' from the config")
+        where = f" in {args.config}" if args.config else ""
+        raise ConfigError(f"serve runs the zmq transport; remove 'transport'{where}")
     if args.units is not None:
         config.setdefault("storage", {})["units"] = args.units
     zmq_cfg = config.setdefault("zmq", {})
@@ -40,13 +39,18 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     import transferqueue as tq
 
-    config = tq.init(_config(args))
+    try:
+        wanted = _config(args)
+    except ConfigError as exc:
+        print(f"python -m transferqueue serve: error: {exc}", file=sys.stderr)
+        return 2
+    config = tq.init(wanted)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the address is out: a client may stop us
+        signal.signal(sig, lambda *_: stop.set())
     address = (config.system or {})["controller"]["endpoint"]
     print(f"transferqueue serving at {address}", flush=True)
     print(f'clients: tq.init("{address}")', flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     tq.close()
     print("transferqueue stopped", flush=True)

@@ -137,8 +137,16 @@ _inherited: list[System] = []
 
 def init(config: Config | Any = None) -> Config:
     """Start the system ``config`` asks for (inproc by default), or attach to the one it
-    names; make it this process's default. Returns the effective config."""
+    names; make it this process's default. ``config`` may be a Config, a Mapping, a YAML /
+    TOML config file (a path, or a str ending in .yaml/.yml/.toml or naming an existing file)
+    or the controller address printed by ``python -m transferqueue serve``. Returns the
+    effective config."""
     global _default
+    from transferqueue.config import config_file_path
+
+    if isinstance(config, str) and config_file_path(config) is None:
+        # the address printed by `python -m transferqueue serve` ("tcp://..." / "ipc://...")
+        config = {"transport": "zmq", "system": {"controller": config}}
     with _lock:
         if _default is not None and _default.pid == os.getpid():
             if config is None or load_config(config).system == _default.config.system:
@@ -146,8 +154,6 @@ def init(config: Config | Any = None) -> Config:
             raise ConfigError(
                 "transferqueue is already initialised in this process; call tq.close() first"
             )
-        if isinstance(config, str):  # the address printed by `python -m transferqueue serve`
-            config = {"transport": "zmq", "system": {"controller": config}}
         if _default is not None:  # inherited through a fork: the parent's, not ours
             _inherited.append(_default)
             _default = None
