@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from transferqueue.errors import PartitionSealedError
+from transferqueue.transports._protocol import current_deadline
 
 
 class CustomError(Exception):
@@ -17,6 +18,8 @@ class Echo:
     def __init__(self, greeting: str = "hello") -> None:
         self.greeting = greeting
         self.calls = 0
+        self.finished: list[str] = []
+        self._events: dict[str, asyncio.Event] = {}
 
     async def echo(self, value: Any) -> Any:
         self.calls += 1
@@ -55,6 +58,37 @@ class Echo:
 
     async def never_returns(self) -> None:
         await asyncio.Event().wait()
+
+    def _event(self, name: str) -> asyncio.Event:
+        return self._events.setdefault(name, asyncio.Event())
+
+    async def hold(self, gate: str) -> str:
+        """Waits until ``release(gate)``, then records ``gate`` as finished (a late write)."""
+        self._event(f"entered:{gate}").set()
+        try:
+            await self._event(f"open:{gate}").wait()
+        except asyncio.CancelledError:
+            self._event(f"cancelled:{gate}").set()
+            raise
+        self.finished.append(gate)
+        return gate
+
+    async def cancelled(self, gate: str) -> None:
+        """Returns once a ``hold(gate)`` call has been cancelled (a barrier for tests)."""
+        await self._event(f"cancelled:{gate}").wait()
+
+    async def deadline(self) -> float | None:
+        return current_deadline()
+
+    async def entered(self, gate: str) -> None:
+        """Returns once a ``hold(gate)`` call is running (a barrier for tests)."""
+        await self._event(f"entered:{gate}").wait()
+
+    async def release(self, gate: str) -> None:
+        self._event(f"open:{gate}").set()
+
+    async def finished_gates(self) -> list[str]:
+        return list(self.finished)
 
     async def unencodable_result(self) -> Any:
         return {1, 2, 3}

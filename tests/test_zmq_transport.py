@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -14,6 +15,8 @@ import zmq.asyncio
 from actors import Echo
 
 from transferqueue.config import load_config
+from transferqueue.errors import ActorError, ProtocolError
+from transferqueue.transports._protocol import Envelope, decode_reply, encode_request
 from transferqueue.transports.zmq import ZmqTransport
 
 
@@ -25,17 +28,30 @@ async def zmq_echo():
     await handle.stop()
 
 
-async def test_garbage_frames_leave_the_actor_serving(zmq_echo, caplog) -> None:
+async def test_garbage_frames_get_error_replies_and_leave_the_actor_serving(zmq_echo) -> None:
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(zmq_echo.ref.address.endpoint)
+
+    async def ask(frames: list[bytes]) -> tuple:
+        await sock.send_multipart(frames)
+        return decode_reply(await asyncio.wait_for(sock.recv_multipart(), 30))
+
     try:
         for garbage in ([b""], [b"\xff\xfe garbage"], [b"\x93\x01\x02", b"x" * 100], [b"\xc1"] * 5):
-            await sock.send_multipart(garbage)
+            rid, _, error = await ask(garbage)
+            assert rid is None and isinstance(error, ProtocolError), (garbage, error)
+        # an envelope that decodes is answered under its id, whatever follows it
+        rid, _, error = await ask([Envelope(41, "echo").encode(), b"\xc1"])
+        assert rid == 41 and isinstance(error, ProtocolError)
+        assert "arguments of call 41 ('echo')" in str(error)
+        rid, _, error = await ask(encode_request(Envelope(42, "nope"), [], {}))
+        assert rid == 42 and isinstance(error, ActorError) and "no remote method" in str(error)
+        assert await ask(encode_request(Envelope(43, "echo"), ["raw"], {})) == (43, "raw", None)
         # a well-formed call after the garbage still gets its answer
         assert await zmq_echo.ref.call("echo", "still here") == "still here"
-        assert await zmq_echo.ref.call("count") == 1
+        assert await zmq_echo.ref.call("count") == 2
     finally:
         sock.close(linger=0)
         ctx.term()
@@ -59,6 +75,8 @@ OWNER = """
 import asyncio, sys
 from actors import Echo
 from transferqueue.config import load_config
+from transferqueue.errors import ActorError, ProtocolError
+from transferqueue.transports._protocol import Envelope, decode_reply, encode_request
 from transferqueue.transports.zmq import ZmqTransport
 
 async def main():
@@ -91,7 +109,7 @@ def test_actor_process_exits_when_its_owner_dies(python_env, how) -> None:
         assert not wait_for_exit(actor_pid, 0)  # alive while its owner lives
         owner.send_signal(how)
         owner.wait(timeout=30)
-        assert wait_for_exit(actor_pid, 15), "actor process outlived its owner"
+        assert wait_for_exit(actor_pid, 5), "actor process outlived its owner by 5 s"
     finally:
         owner.kill()
         owner.wait()

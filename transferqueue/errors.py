@@ -77,3 +77,8 @@ class StorageFullError(TransferQueueError):
 
 class SamplerError(TransferQueueError, ValueError):
     """A sampler was misconfigured or given invalid ``sampling_config``."""
+
+
+class ProtocolError(ActorError):
+    """A request or reply could not be decoded (a malformed message, or a peer speaking
+    another version of the call protocol); the call it belongs to fails with this."""

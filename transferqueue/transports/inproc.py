@@ -15,12 +15,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from transferqueue import codec
-from transferqueue.actor import ActorRef, Address, Dispatcher, error_from_wire, error_to_wire
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, TransportUnavailableError
 from transferqueue.loop import LoopThread, runtime_loop
-from transferqueue.transports.base import ActorHandle, Channel, Transport
+from transferqueue.transports import _protocol as protocol
+from transferqueue.transports._protocol import Dispatcher, Envelope, error_from_wire, error_to_wire
+from transferqueue.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
 _ids = itertools.count()
 _hosted: dict[str, _Hosted] = {}
@@ -35,20 +35,20 @@ class _Hosted:
         self.stopped = False
 
 
-def _roundtrip(obj: Any) -> Any:
-    return codec.decode(codec.encode(obj))
-
-
-async def _serve(hosted: _Hosted, method: str, request: Any, check: bool) -> Any:
-    """Runs on the actor's loop. Returns ("ok", result) or ("err", wire error).
-
-    With ``check``, ``request`` holds the encoded frames of ``[args, kwargs]``."""
+async def _serve(hosted: _Hosted, request: Any, check: bool) -> Any:
+    """Runs on the actor's loop. With ``check``, ``request`` holds a request's frames and
+    the reply frames come back; without, ``(envelope, args, kwargs)`` and ("ok", result) or
+    ("err", wire error)."""
+    if check:
+        if hosted.stopped:
+            return protocol.encode_reply(
+                None, False, ActorClosedError("the actor was stopped by its owner")
+            )
+        return await hosted.dispatcher.serve(request)
     try:
         if hosted.stopped:
             raise ActorClosedError("the actor was stopped by its owner")
-        args, kwargs = codec.decode(request) if check else request
-        result = await hosted.dispatcher.handle(method, args, kwargs)
-        return ("ok", _roundtrip(result) if check else result)
+        return ("ok", await hosted.dispatcher.run(*request))
     except Exception as exc:
         return ("err", error_to_wire(exc))
 
@@ -67,22 +67,31 @@ class InprocChannel(Channel):
     def __init__(self, hosted: _Hosted, config: Config) -> None:
         self._hosted = hosted
         self._check = config.runtime.inproc_codec
+        self._ids = itertools.count()
 
     async def request(
-        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], timeout: float | None
+        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], deadline: float | None
     ) -> Any:
+        envelope = Envelope(next(self._ids), method, deadline)
         # encode in the caller, so a payload the codec cannot carry fails here, as on zmq
-        request = codec.encode([list(args), dict(kwargs)]) if self._check else (args, kwargs)
-        coro = _serve(self._hosted, method, request, self._check)
+        if self._check:
+            request: Any = protocol.encode_request(envelope, args, kwargs)
+        else:
+            request = (envelope, args, kwargs)
+        coro = _serve(self._hosted, request, self._check)
         loop = self._hosted.loop_thread.loop
+        timeout = protocol.time_left(deadline)
         try:
             if asyncio.get_running_loop() is loop:
-                status, value = await _within(coro, timeout)
+                reply = await _within(coro, timeout)
             else:
                 fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
-                status, value = await asyncio.wait_for(fut, timeout)
+                reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"call {method!r} got no reply within {timeout} s") from None
+        if self._check:
+            return protocol.outcome(reply)
+        status, value = reply
         if status == "err":
             raise error_from_wire(value)
         return value

@@ -19,15 +19,18 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from transferqueue import codec
-from transferqueue.actor import ActorRef, Address, Dispatcher, error_from_wire, error_to_wire
 from transferqueue.config import Config
 from transferqueue.errors import (
     ActorClosedError,
     ActorDiedError,
     TransportUnavailableError,
 )
-from transferqueue.transports.base import ActorHandle, Channel, Transport
+from transferqueue.transports import _protocol as protocol
+from transferqueue.transports._protocol import Dispatcher, Envelope
+from transferqueue.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
+
+#: how long stopping an actor waits for its on_stop hook before it is killed
+_STOP_GRACE_S = 3.0
 
 _forked_with_ray = False
 
@@ -64,20 +67,16 @@ class _RayHost:
         self._dispatcher = Dispatcher(target(*args, **kwargs))
         self._started: asyncio.Task[None] | None = None
 
-    async def ready(self) -> None:
+    async def ready(self) -> int:
+        """Starts the actor (once); returns the pid of the process that hosts it."""
         if self._started is None:
             self._started = asyncio.ensure_future(self._dispatcher.start())
         await self._started
+        return os.getpid()
 
     async def call(self, frames: list[Any]) -> list[Any]:
         await self.ready()
-        try:
-            request = codec.decode(frames)
-            result = await self._dispatcher.handle(request["m"], request["a"], request["k"])
-            reply = codec.encode({"r": result})
-        except Exception as exc:
-            reply = codec.encode({"e": error_to_wire(exc)})
-        return _to_ray(reply)
+        return _to_ray(await self._dispatcher.serve(frames))
 
     async def stop(self) -> None:
         await self._dispatcher.stop()
@@ -108,11 +107,13 @@ class RayChannel(Channel):
         return self._actor
 
     async def request(
-        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], timeout: float | None
+        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], deadline: float | None
     ) -> Any:
         if self._closed:
             raise ActorClosedError(f"the channel to Ray actor {self._name!r} is closed")
-        frames = _to_ray(codec.encode({"m": method, "a": list(args), "k": dict(kwargs)}))
+        # one call per Ray task: the reply needs no id (Ray matches it to its request)
+        frames = _to_ray(protocol.encode_request(Envelope(0, method, deadline), args, kwargs))
+        timeout = protocol.time_left(deadline)
         try:
             reply_frames = await asyncio.wait_for(self._handle().call.remote(frames), timeout)
         except asyncio.TimeoutError:
@@ -121,10 +122,7 @@ class RayChannel(Channel):
             ) from None
         except RayActorError as exc:
             raise ActorDiedError(f"the Ray actor {self._name!r} died: {exc}") from None
-        reply = codec.decode(reply_frames)
-        if "e" in reply:
-            raise error_from_wire(reply["e"])
-        return reply.get("r")
+        return protocol.outcome(reply_frames)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -132,9 +130,10 @@ class RayChannel(Channel):
 
 
 class _RayHandle(ActorHandle):
-    def __init__(self, actor: Any, ref: ActorRef) -> None:
+    def __init__(self, actor: Any, ref: ActorRef, pid: int) -> None:
         self._actor = actor
         self.ref = ref
+        self.pid = pid
         self._stopped = False
 
     async def stop(self) -> None:
@@ -144,9 +143,10 @@ class _RayHandle(ActorHandle):
         await self.ref.aclose()
         if not ray.is_initialized():  # at exit Ray may have shut down first: nothing to stop
             return
-        with contextlib.suppress(RayActorError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._actor.stop.remote(), 10)
-        ray.kill(self._actor, no_restart=True)
+        with contextlib.suppress(Exception):  # dead, or stuck: it is killed below either way
+            await asyncio.wait_for(self._actor.stop.remote(), _STOP_GRACE_S)
+        with contextlib.suppress(Exception):
+            ray.kill(self._actor, no_restart=True)
 
 
 class RayTransport(Transport):
@@ -172,12 +172,12 @@ class RayTransport(Transport):
         )
         ref = ActorRef(Address("ray", actor_name, namespace=namespace), self.config)
         try:
-            await actor.ready.remote()  # type: ignore[union-attr]
+            pid = await actor.ready.remote()  # type: ignore[union-attr]
         except RayActorError as exc:
             raise ActorDiedError(
                 f"the Ray actor for {target.__name__} failed to start: {exc}"
             ) from None
-        return _RayHandle(actor, ref)
+        return _RayHandle(actor, ref, pid)
 
     @classmethod
     def connect(cls, address: Address, config: Config) -> Channel:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -33,12 +33,11 @@ from typing import Any, TypeVar
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from transferqueue import codec
-from transferqueue.actor import ActorRef, Address, error_from_wire
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError
 from transferqueue.memory import tune_malloc_for_large_buffers
-from transferqueue.transports.base import ActorHandle, Channel, Transport
+from transferqueue.transports._protocol import CANCEL, Calls
+from transferqueue.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
 log = logging.getLogger("transferqueue.zmq")
 
@@ -178,72 +177,68 @@ class ZmqChannel(Channel):
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self._endpoint)
-        self._ids = itertools.count()
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._calls = Calls(self._endpoint)
         self._connected = asyncio.Event()
         self._ever_connected = False
+        #: the peer went away and did not come back within the grace: calls fail at once
+        self._gone = False
         self._monitor = Pump(monitor, self._on_event)  # a PAIR: receives copies
         self._pump = Pump(sock, self._on_reply)
         self._closed = False
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
-        try:
-            reply = codec.decode([f.buffer for f in frames])
-            fut = self._pending.pop(reply["i"], None)
-        except Exception:
-            log.warning("dropped a malformed reply from %s", self._endpoint)
-            return
-        if fut is None or fut.done():
-            return
-        if "e" in reply:
-            fut.set_exception(error_from_wire(reply["e"]))
-        else:
-            fut.set_result(reply.get("r"))
+        self._calls.receive([f.buffer for f in frames])
 
     def _on_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)["event"]
         if event == zmq.EVENT_CONNECTED:
             self._ever_connected = True
+            self._gone = False
             self._connected.set()
         elif event == zmq.EVENT_DISCONNECTED:
             self._connected.clear()
-            self._fail_pending(ActorDiedError(f"the actor at {self._endpoint} went away"))
-
-    def _fail_pending(self, exc: Exception) -> None:
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+            self._calls.fail_all(ActorDiedError(f"the actor at {self._endpoint} went away"))
 
     async def _await_connected(self) -> None:
+        if self._gone:
+            raise ActorDiedError(f"the actor at {self._endpoint} went away")
         wait = _DEATH_GRACE_S if self._ever_connected else self._connect_timeout
         try:
             await asyncio.wait_for(self._connected.wait(), wait)
         except asyncio.TimeoutError:
+            self._gone = self._ever_connected
             what = "went away" if self._ever_connected else "cannot be reached"
             raise ActorDiedError(f"the actor at {self._endpoint} {what}") from None
 
     async def request(
-        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], timeout: float | None
+        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], deadline: float | None
     ) -> Any:
         if self._closed:
             raise ActorClosedError(f"the channel to {self._endpoint} is closed")
-        rid = next(self._ids)
-        frames = codec.encode({"i": rid, "m": method, "a": list(args), "k": dict(kwargs)})
+        envelope, frames = self._calls.request(method, args, kwargs, deadline, token=-1)
         if not self._connected.is_set():
             await self._await_connected()
             if self._closed:
                 raise ActorClosedError(f"the channel to {self._endpoint} is closed")
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[rid] = fut
+        fut = self._calls.expect(envelope.id)
         timer = None
-        if timeout is not None:
-            timer = self._loop.call_later(timeout, _expire, fut, method, self._endpoint, timeout)
+        if deadline is not None:
+            timer = self._loop.call_at(
+                self._loop.time() + max(0.0, deadline - time.time()),
+                _expire,
+                fut,
+                method,
+                self._endpoint,
+            )
         try:
             self._pump.send(frames)
             return await fut
+        except asyncio.CancelledError:  # the caller gave up: so does the actor
+            if not self._closed and not self._pump.closed:
+                self._pump.send(self._calls.request(CANCEL, (), {}, None, envelope.token)[1])
+            raise
         finally:
-            self._pending.pop(rid, None)
+            self._calls.forget(envelope.id)
             if timer is not None:
                 timer.cancel()
 
@@ -257,16 +252,16 @@ class ZmqChannel(Channel):
         if self._closed:
             return
         self._closed = True
-        self._fail_pending(ActorClosedError(f"the channel to {self._endpoint} was closed"))
+        self._calls.fail_all(ActorClosedError(f"the channel to {self._endpoint} was closed"))
         self._pump.sock.disable_monitor()
         self._monitor.close()
         self._pump.close()
 
 
-def _expire(fut: asyncio.Future[Any], method: str, endpoint: str, timeout: float) -> None:
+def _expire(fut: asyncio.Future[Any], method: str, endpoint: str) -> None:
     if not fut.done():
         fut.set_exception(
-            TimeoutError(f"call {method!r} to {endpoint} got no reply within {timeout} s")
+            TimeoutError(f"call {method!r} to {endpoint} got no reply before its deadline")
         )
 
 
@@ -303,11 +298,8 @@ class _ZmqHandle(ActorHandle):
     def __init__(self, proc: subprocess.Popen[bytes], ref: ActorRef) -> None:
         self._proc = proc
         self.ref = ref
+        self.pid = proc.pid
         self._stopped = False
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
 
     async def stop(self) -> None:
         if self._stopped:

@@ -22,18 +22,20 @@ from typing import Any
 
 import zmq
 
-from transferqueue import codec
-from transferqueue.actor import Dispatcher, error_to_wire
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError
 from transferqueue.memory import tune_malloc_for_large_buffers
+from transferqueue.transports._protocol import Dispatcher
 from transferqueue.transports.zmq import Pump
 
 log = logging.getLogger("transferqueue.zmq")
 
 
 class _Server:
-    """The actor process's request loop over a ROUTER socket: handlers run concurrently."""
+    """The actor process's request loop over a ROUTER socket: handlers run concurrently.
+
+    Every message that carries a routing identity is answered (the protocol turns each
+    failure into an error reply)."""
 
     def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket[bytes]) -> None:
         self.dispatcher = dispatcher
@@ -41,28 +43,16 @@ class _Server:
         self.pump = Pump(sock, self._on_request)
 
     def _on_request(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
+        if len(frames) < 2:  # no identity and message: nobody to answer
             log.warning("dropped a malformed message (%d frames)", len(frames))
             return
-        try:
-            request = codec.decode([f.buffer for f in frames[1:]])
-            rid, method = request["i"], request["m"]
-            args, kwargs = request.get("a", []), request.get("k", {})
-        except Exception as exc:
-            log.warning("dropped a malformed message: %s", exc)
-            return
-        task = self.pump.loop.create_task(self._handle(frames[0], rid, method, args, kwargs))
+        body = [f.buffer for f in frames[1:]]
+        task = self.pump.loop.create_task(self._handle(frames[0], body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(
-        self, ident: zmq.Frame, rid: Any, method: Any, args: Any, kwargs: Any
-    ) -> None:
-        try:
-            result = await self.dispatcher.handle(method, args, kwargs)
-            reply = codec.encode({"i": rid, "r": result})
-        except Exception as exc:
-            reply = codec.encode({"i": rid, "e": error_to_wire(exc)})
+    async def _handle(self, ident: zmq.Frame, frames: list[Any]) -> None:
+        reply = await self.dispatcher.serve(frames)
         try:
             self.pump.send([ident, *reply])
         except (zmq.ZMQError, ActorClosedError) as exc:  # the peer or we went away
@@ -133,6 +123,12 @@ def main() -> None:
         uvloop.run(_host(spec))
     except ImportError:  # pragma: no cover - uvloop is a Linux dependency
         asyncio.run(_host(spec))
+    # the actor has stopped and released its sockets: skip the interpreter's teardown (seconds
+    # of module finalisation with torch loaded), so that an actor whose owner died is gone
+    # at once
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

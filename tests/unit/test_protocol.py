@@ -1,0 +1,219 @@
+"""The call protocol, driven directly: a test transport that moves frames in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+
+from transferqueue import codec
+from transferqueue.errors import ActorError, PartitionSealedError, ProtocolError, RemoteError
+from transferqueue.transports import _protocol as protocol
+from transferqueue.transports._protocol import (
+    CANCEL,
+    Calls,
+    Dispatcher,
+    Envelope,
+    current_deadline,
+    decode_reply,
+    encode_reply,
+)
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.writes: list[Any] = []
+        self.started = asyncio.Event()
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def deadline(self) -> float | None:
+        return current_deadline()
+
+    async def write_after(self, gate: str, value: Any) -> None:
+        """Waits for ``gate``, then records ``value`` (a storage write)."""
+        self.started.set()
+        await self.gates.setdefault(gate, asyncio.Event()).wait()
+        self.writes.append(value)
+
+    async def open(self, gate: str) -> None:
+        self.gates.setdefault(gate, asyncio.Event()).set()
+
+    async def sealed(self) -> None:
+        raise PartitionSealedError("sealed")
+
+    async def custom(self) -> None:
+        raise LookupError("odd")
+
+
+class MemoryTransport:
+    """Moves frames between one client (:class:`Calls`) and one :class:`Dispatcher`:
+    each request is served in a task of its own, replies arrive in completion order."""
+
+    def __init__(self, actor: Any) -> None:
+        self.dispatcher = Dispatcher(actor)
+        self.calls = Calls("memory")
+        self.sent: list[list[Any]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def deliver(self, frames: Sequence[Any]) -> None:
+        task = asyncio.ensure_future(self._serve(list(frames)))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, frames: list[Any]) -> None:
+        reply = await self.dispatcher.serve(frames)
+        # bytes on the way back, as a socket would hand them over
+        self.calls.receive([bytes(memoryview(f)) for f in reply])
+
+    async def call(self, method: str, *args: Any, timeout: float | None = 5.0, **kw: Any) -> Any:
+        deadline = protocol.deadline_of(timeout)
+        envelope, frames = self.calls.request(method, args, kw, deadline, token=-1)
+        fut = self.calls.expect(envelope.id)
+        self.sent.append(frames)
+        self.deliver(frames)
+        try:
+            return await fut
+        finally:
+            self.calls.forget(envelope.id)
+
+
+@pytest.fixture
+def wire() -> MemoryTransport:
+    return MemoryTransport(Worker())
+
+
+def test_envelope_round_trip_and_refusal() -> None:
+    env = Envelope(7, "put", 123.5, 7)
+    assert Envelope.decode(env.encode()) == env
+    with pytest.raises(ProtocolError, match="envelope"):
+        Envelope.decode(b"\xc1garbage")
+    with pytest.raises(ProtocolError, match="must be"):
+        Envelope.decode(msgpack.packb([1, 2, 3, 4]))
+
+
+async def test_dispatch_and_errors_keep_their_type(wire: MemoryTransport) -> None:
+    assert await wire.call("echo", {"t": torch.arange(3)}) is not None
+    assert (await wire.call("echo", [1, "x"])) == [1, "x"]
+    with pytest.raises(PartitionSealedError):
+        await wire.call("sealed")
+    with pytest.raises(RemoteError, match="LookupError"):
+        await wire.call("custom")
+    with pytest.raises(ActorError, match="no remote method 'nope'"):
+        await wire.call("nope")
+    with pytest.raises(ActorError, match="no remote method"):
+        await wire.call("__init__")
+
+
+async def test_handler_sees_its_deadline(wire: MemoryTransport) -> None:
+    before = time.time()
+    seen = await wire.call("deadline", timeout=30)
+    assert before + 30 <= seen <= time.time() + 30
+    assert await wire.call("deadline", timeout=None) is None
+    assert current_deadline() is None  # nothing leaks out of the handler
+
+
+async def test_expired_request_is_not_executed() -> None:
+    worker = Worker()
+    dispatcher = Dispatcher(worker)
+    env = Envelope(1, "write_after", time.time() - 0.5)
+    reply = await dispatcher.serve(protocol.encode_request(env, ["g", "late"], {}))
+    rid, _, error = decode_reply(reply)
+    assert rid == 1 and isinstance(error, TimeoutError) and "not executed" in str(error)
+    assert not worker.started.is_set() and worker.writes == []
+
+
+async def test_handler_running_at_its_deadline_is_cancelled_and_never_writes() -> None:
+    worker = Worker()
+    dispatcher = Dispatcher(worker)
+    env = Envelope(2, "write_after", time.time() + 0.05)
+    reply = await dispatcher.serve(protocol.encode_request(env, ["g", "late"], {}))
+    _, _, error = decode_reply(reply)
+    assert isinstance(error, TimeoutError) and "deadline" in str(error)
+    assert worker.started.is_set()
+    # the handler's task has ended (cancelled) before the reply: it can never write later
+    assert worker.writes == [] and not dispatcher._running
+
+
+async def test_cancel_request_cancels_by_token() -> None:
+    worker = Worker()
+    dispatcher = Dispatcher(worker)
+    env = Envelope(3, "write_after", None, token=3)
+    serving = asyncio.ensure_future(dispatcher.serve(protocol.encode_request(env, ["g", "x"], {})))
+    await worker.started.wait()
+    await dispatcher.serve(protocol.encode_request(Envelope(4, CANCEL, None, 3), [], {}))
+    _, _, error = decode_reply(await serving)
+    assert isinstance(error, ActorError) and "cancelled by its caller" in str(error)
+    assert worker.writes == []
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b""],
+        [b"\xff\xfe garbage"],
+        [b"\x93\x01\x02", b"x" * 100],
+        [b"\xc1"] * 5,
+    ],
+)
+async def test_undecodable_envelope_is_answered_without_an_id(frames: list[bytes]) -> None:
+    rid, _, error = decode_reply(await Dispatcher(Worker()).serve(frames))
+    assert rid is None and isinstance(error, ProtocolError)
+
+
+async def test_undecodable_body_is_answered_with_what_failed() -> None:
+    env = Envelope(9, "echo", None)
+    for body in ([b"\xc1"], [msgpack.packb({"not": "a list"})], []):
+        rid, _, error = decode_reply(await Dispatcher(Worker()).serve([env.encode(), *body]))
+        assert rid == 9 and isinstance(error, ProtocolError)
+        assert "arguments of call 9 ('echo')" in str(error)
+
+
+async def test_unencodable_result_becomes_an_error_reply() -> None:
+    env = Envelope(1, "echo", None)
+    reply = await Dispatcher(Worker()).serve(protocol.encode_request(env, [0], {}))
+    assert decode_reply(reply) == (1, 0, None)
+    _, _, error = decode_reply(encode_reply(5, True, {1, 2}))
+    assert isinstance(error, TypeError)
+
+
+async def test_reply_with_undecodable_body_fails_that_call_only() -> None:
+    calls = Calls("memory")
+    a, _ = calls.request("echo", [1], {}, None)
+    b, _ = calls.request("echo", [2], {}, None)
+    fa, fb = calls.expect(a.id), calls.expect(b.id)
+    calls.receive([msgpack.packb([a.id, "r"]), b"\xc1"])
+    calls.receive([msgpack.packb([b.id, "r"]), *codec.encode(2)])
+    with pytest.raises(ProtocolError, match=f"result of reply {a.id}"):
+        await fa
+    assert await fb == 2
+    calls.receive([b"garbage header"])  # no id: nothing to fail, nothing breaks
+
+
+async def test_replies_out_of_order_are_matched_by_id(wire: MemoryTransport) -> None:
+    slow = asyncio.ensure_future(wire.call("write_after", "g", "slow"))
+    await wire.dispatcher.actor.started.wait()
+    assert await wire.call("echo", "fast") == "fast"  # answered while the first waits
+    await wire.call("open", "g")
+    assert await slow is None
+    assert wire.dispatcher.actor.writes == ["slow"]
+    results = await asyncio.gather(*(wire.call("echo", i) for i in range(200)))
+    assert results == list(range(200))
+
+
+async def test_replies_for_nobody_are_dropped() -> None:
+    calls = Calls("memory")
+    calls.receive(encode_reply(42, True, "late"))  # the caller gave up already
+    env, _ = calls.request("echo", [], {}, None)
+    fut = calls.expect(env.id)
+    calls.fail_all(ActorError("gone"))
+    with pytest.raises(ActorError, match="gone"):
+        await fut
