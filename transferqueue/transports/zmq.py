@@ -175,13 +175,17 @@ class ZmqChannel(Channel):
         for opt, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100), (zmq.HEARTBEAT_IVL, 1000)):
             sock.setsockopt(opt, value)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
         sock.connect(self._endpoint)
         self._calls = Calls(self._endpoint)
         self._connected = asyncio.Event()
         self._ever_connected = False
-        #: the peer went away and did not come back within the grace: calls fail at once
+        #: the peer went away and did not come back within the grace (or refused to): calls
+        #: fail at once
         self._gone = False
+        self._news = asyncio.Event()  # set (and replaced) on every connection event
         self._monitor = Pump(monitor, self._on_event)  # a PAIR: receives copies
         self._pump = Pump(sock, self._on_reply)
         self._closed = False
@@ -198,17 +202,24 @@ class ZmqChannel(Channel):
         elif event == zmq.EVENT_DISCONNECTED:
             self._connected.clear()
             self._calls.fail_all(ActorDiedError(f"the actor at {self._endpoint} went away"))
+        elif event == zmq.EVENT_CONNECT_RETRIED and self._ever_connected:
+            # a reconnect was refused: nothing listens there any more (actors never come back
+            # on the same endpoint), so there is no point waiting out the grace
+            self._gone = True
+        self._news.set()
+        self._news = asyncio.Event()
 
     async def _await_connected(self) -> None:
-        if self._gone:
-            raise ActorDiedError(f"the actor at {self._endpoint} went away")
         wait = _DEATH_GRACE_S if self._ever_connected else self._connect_timeout
-        try:
-            await asyncio.wait_for(self._connected.wait(), wait)
-        except asyncio.TimeoutError:
-            self._gone = self._ever_connected
-            what = "went away" if self._ever_connected else "cannot be reached"
-            raise ActorDiedError(f"the actor at {self._endpoint} {what}") from None
+        give_up = self._loop.time() + wait
+        while not self._connected.is_set():
+            left = give_up - self._loop.time()
+            if self._gone or left <= 0:
+                self._gone = self._ever_connected
+                what = "went away" if self._ever_connected else "cannot be reached"
+                raise ActorDiedError(f"the actor at {self._endpoint} {what}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._news.wait(), left)
 
     async def request(
         self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], deadline: float | None
