@@ -71,10 +71,13 @@ class Plan:
     def rows(self) -> int:
         return int(self.gib * (1 << 30)) // ROW_BYTES
 
+    def share_size(self, p: int) -> int:
+        """How many rows producer ``p`` puts: rows are dealt round the producers."""
+        return self.rows // self.producers + (1 if p < self.rows % self.producers else 0)
+
     def share(self, p: int) -> list[int]:
-        """The seqs of producer ``p``: rows are dealt round the producers."""
-        n = self.rows // self.producers + (1 if p < self.rows % self.producers else 0)
-        return list(range(n))
+        """The seqs of producer ``p``."""
+        return list(range(self.share_size(p)))
 
 
 def plan_for(quick: bool) -> Plan:
@@ -211,7 +214,7 @@ class Run:
             task = who[1]
             for p, seq in msg[1]:
                 key = (p, seq)
-                if not (0 <= p < self.plan.producers) or seq >= len(self.plan.share(p)):
+                if not (0 <= p < self.plan.producers) or not 0 <= seq < self.plan.share_size(p):
                     self.unknown[task] += 1
                     continue
                 self.received[task][key] += 1
@@ -235,9 +238,10 @@ class Run:
     # ---------------------------------------------------------------- the loop
     def maybe_kill(self) -> None:
         for i, (p, frac) in enumerate(self.kills):
-            share = len(self.plan.share(p))
+            share = self.plan.share_size(p)
             x = self.producer[p]
-            if len(self.committed[p]) < frac * share or not x.ready or p in self.done:
+            done = len(self.committed[p])
+            if done < frac * share or done >= share or not x.ready or p in self.done:
                 continue
             if any(q == p for q, _ in self.kills[:i]):
                 continue  # its earlier kill comes first
@@ -282,7 +286,7 @@ class Run:
                 raise RuntimeError("stress: " + "; ".join(self.fatal))
             if not self.sealed and len(self.done) == self.plan.producers:
                 missing = sum(
-                    len(self.plan.share(p)) - len(c) for p, c in enumerate(self.committed)
+                    self.plan.share_size(p) - len(c) for p, c in enumerate(self.committed)
                 )
                 if missing:
                     raise RuntimeError(f"stress: producers done but {missing} rows unreported")
@@ -308,7 +312,7 @@ class Run:
                 raise RuntimeError(f"stress: over {LIMIT_S:.0f} s: {self.describe()}")
 
     def describe(self) -> str:
-        shares = [len(self.plan.share(p)) for p in range(self.plan.producers)]
+        shares = [self.plan.share_size(p) for p in range(self.plan.producers)]
         put = [f"{len(c)}/{n}" for c, n in zip(self.committed, shares)]
         got = {t: len(self.received[t]) for t in TASKS}
         try:
