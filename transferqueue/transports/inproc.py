@@ -88,7 +88,7 @@ class InprocChannel(Channel):
                 fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
                 reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"call {method!r} got no reply within {timeout} s") from None
+            raise TimeoutError(f"call {method!r} got no reply within {timeout:.3g} s") from None
         if self._check:
             return protocol.outcome(reply)
         status, value = reply

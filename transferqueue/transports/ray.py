@@ -118,7 +118,7 @@ class RayChannel(Channel):
             reply_frames = await asyncio.wait_for(self._handle().call.remote(frames), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"call {method!r} to Ray actor {self._name!r} got no reply within {timeout} s"
+                f"call {method!r} to Ray actor {self._name!r} got no reply within {timeout:.3g} s"
             ) from None
         except RayActorError as exc:
             raise ActorDiedError(f"the Ray actor {self._name!r} died: {exc}") from None
