@@ -87,9 +87,9 @@ def wake_latency(transport: str, n: int, warm: int = 20) -> dict[str, list[float
         return len(meta), time.perf_counter()
 
     async def commit_one(pid: str) -> float:
-        rows = (await ctrl.call("begin_put", pid, WIRE_SPEC, 1))["rows"]
+        lease = (await ctrl.call("begin_put", pid, WIRE_SPEC, 1))["lease"]
         t0 = time.perf_counter()
-        await ctrl.call("commit", pid, rows, WIRE_SPEC)
+        await ctrl.call("commit", pid, lease)
         return t0
 
     async def on_loop(pid: str) -> list[float]:
@@ -167,8 +167,8 @@ def get_meta_actor_p50(sizes: tuple[int, ...], calls: int) -> dict[int, float]:
     handles = {ready: loop.run(transport.spawn(ControllerActor)) for ready in sizes}
 
     async def commit(ref: Any, n: int) -> None:
-        rows = (await ref.call("begin_put", "p", WIRE_SPEC, n))["rows"]
-        await ref.call("commit", "p", rows, WIRE_SPEC)
+        lease = (await ref.call("begin_put", "p", WIRE_SPEC, n))["lease"]
+        await ref.call("commit", "p", lease)
 
     async def measure() -> dict[int, list[float]]:
         times: dict[int, list[float]] = {ready: [] for ready in sizes}

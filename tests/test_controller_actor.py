@@ -137,8 +137,8 @@ async def test_a_rank_waiting_for_a_later_step_does_not_block_its_group() -> Non
     def cfg(step: int) -> dict:
         return {"dp_rank": 0, "group_size": 2, "num_groups": 1, "batch_index": step}
 
-    rows = (await controller.begin_put("p", spec, 4))["rows"]
-    await controller.commit("p", rows, spec)
+    lease = (await controller.begin_put("p", spec, 4))["lease"]
+    await controller.commit("p", lease)
     first = await controller.get_meta(["a"], 4, "p", "t", cfg(0))  # rank A, step 0
     waiting = asyncio.ensure_future(controller.get_meta(["a"], 4, "p", "t", cfg(1)))
     await asyncio.sleep(0)  # rank A is now queued for step 1 (no rows for it yet)
@@ -176,8 +176,8 @@ async def test_cancel_wait_withdraws_a_queued_call_or_one_that_has_not_arrived()
     # calls may overtake each other: a withdrawal that comes first ends its call on arrival
     await controller.cancel_wait("late")
     assert (await controller.get_meta(["a"], 2, "p", "t", token="late")).rows == []
-    rows = (await controller.begin_put("p", spec, 2))["rows"]
-    await controller.commit("p", rows, spec)
+    lease = (await controller.begin_put("p", spec, 2))["lease"]
+    await controller.commit("p", lease)
     assert (await first).rows == [0, 1]  # the withdrawn calls consumed nothing
     assert (await controller.partition_info("p")).waiting == {}
     for i in range(5000):  # withdrawals of calls that never come are forgotten, oldest first

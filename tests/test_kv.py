@@ -56,6 +56,35 @@ def test_kv_clear(client, pid) -> None:
         client.kv_get(["a"], pid)
 
 
+def test_kv_clear_of_keys_already_gone_is_a_no_op(client, pid) -> None:
+    client.kv_put(["a", "b"], pid, {"x": torch.tensor([1, 2])})
+    client.kv_clear(["a"], pid)
+    client.kv_clear(["a", "zz"], pid)  # again, and a key never put: nothing happens
+    client.kv_clear("b", pid)  # one key as a string
+    client.kv_clear(["a"], "no-such-partition")
+    assert client.kv_list(pid) == {pid: {}}
+
+
+def test_a_single_key_string_is_one_key(client, pid) -> None:
+    client.kv_put(["k1", "k2"], pid, {"x": torch.tensor([1, 2]), "s": ["A", "B"]})
+    got = client.kv_get("k1", pid)  # not the keys "k" and "1"
+    assert got.batch_size == torch.Size([1]) and got["x"].tolist() == [1]
+    assert client.kv_get("k2", pid, select_fields="s")["s"] == ["B"]
+
+
+def test_put_clear_churn_reuses_rows(system, client, pid) -> None:
+    keys = [f"k{i}" for i in range(64)]
+    rows_seen: set[int] = set()
+    for cycle in range(300):
+        meta = client.kv_put(keys, pid, {"x": torch.full((64, 2), float(cycle))})
+        rows_seen.update(meta.rows)
+        assert client.kv_get(keys[:2], pid)["x"][:, 0].tolist() == [float(cycle)] * 2
+        client.kv_clear(keys, pid)
+    assert max(rows_seen) < 64  # the same row ids, cycle after cycle: memory stays flat
+    stats = [system.client._loop.run(u.call("stats")) for u in system.async_client._units]
+    assert all(pid not in s["partitions"] for s in stats)  # and the units hold nothing
+
+
 def test_module_level_kv_functions_use_the_default_client() -> None:
     tq.init()
     try:
@@ -65,6 +94,7 @@ def test_module_level_kv_functions_use_the_default_client() -> None:
         )
         got = tq.kv_batch_get(["three", "one"], "kv")
         assert got["x"].tolist() == [[3.5], [1.5]] and got["s"] == ["b", "hello"]
+        assert tq.kv_batch_get("two", "kv")["s"] == ["a"]
         assert tq.kv_list("kv")["kv"]["one"] == {"n": 1}
         tq.kv_clear(["one"], "kv")
         assert sorted(tq.kv_list("kv")["kv"]) == ["three", "two"]

@@ -175,6 +175,52 @@ def test_block_when_full_waits_for_a_clear(base_config, pid) -> None:
         runtime_loop().run(system.aclose())
 
 
+def test_capacity_is_a_system_wide_bound_and_small_puts_use_every_unit(base_config, pid) -> None:
+    mib = 1 << 20
+    config = load_config(
+        own_namespace(base_config, storage={"units": 2, "capacity_bytes": 4 * mib})
+    )
+    system = runtime_loop().run(start_system(config))
+    try:
+        client = system.client
+        # more than half the capacity in one row, into an empty system: it fits
+        big = client.put({"x": torch.zeros(1, 2 * mib + 64, dtype=torch.uint8)}, partition_id=pid)
+        with pytest.raises(StorageFullError):
+            client.put({"x": torch.zeros(1, 2 * mib, dtype=torch.uint8)}, partition_id=pid)
+        client.clear_samples(big)
+        small = [
+            client.put({"x": torch.zeros(1, 64, dtype=torch.uint8)}, partition_id=pid)
+            for _ in range(8)
+        ]
+        assert sorted(m.units[0] for m in small) == [0, 0, 0, 0, 1, 1, 1, 1]
+        stats = [runtime_loop().run(u.call("stats")) for u in system.async_client._units]
+        assert [s["partitions"][pid]["rows"] for s in stats] == [4, 4]
+    finally:
+        runtime_loop().run(system.aclose())
+
+
+def test_a_sync_client_keeps_working_in_a_forked_child(system, client, transport_name, pid) -> None:
+    client.put({"a": torch.arange(3)}, partition_id=pid)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child() -> None:
+        try:  # the parent's client object, used in the child
+            queue.put(("ok", client.partition_info(pid).size))
+        except Exception as exc:
+            queue.put((type(exc).__name__, str(exc)))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    status, value = queue.get(timeout=60)
+    proc.join(timeout=30)
+    if transport_name == "zmq":
+        assert (status, value) == ("ok", 3)
+    else:  # inproc actors live in the parent only; Ray cannot be used after a fork
+        assert status == "TransportUnavailableError", value
+    client.clear_partition(pid)
+
+
 def test_custom_sampler_by_import_path(base_config, pid) -> None:
     config = load_config(
         own_namespace(base_config, controller={"sampler": "samplers_for_tests:EveryOtherSampler"})

@@ -1,30 +1,40 @@
 """The client: the one async implementation, and a thin synchronous facade over it.
 
-A put is *write, then publish*: rows are allocated by the controller, every field is
-written to the storage units in parallel, and only then is the put committed to the
-controller, which makes the rows' fields and tags visible in one step. A failed write
-commits nothing and gives its rows back.
+A put is *write, then publish*: the controller validates it and gives it rows (and the
+unit of each) under a put lease, every field is written to the storage units in parallel,
+bounded by the lease, and only then is the put committed to the controller, which makes the
+rows' fields and tags visible in one step. Any failure -- a write, the commit itself, a
+cancellation -- aborts the lease, and the controller gives the rows back; a client that
+dies mid-put leaves a lease that expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import torch
 from tensordict import TensorDict
 
 from transferqueue.actor import ActorRef
-from transferqueue.columns import assemble, field_spec, to_columns
+from transferqueue.columns import assemble, field_spec, payload_bytes, to_columns
 from transferqueue.config import Config
-from transferqueue.errors import SchemaError
-from transferqueue.loop import background, runtime_loop
+from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
+from transferqueue.loop import LoopThread, background, runtime_loop
 from transferqueue.metadata import BatchMeta, PartitionInfo
-from transferqueue.storage.routing import runs, split_rows, take
+from transferqueue.storage.routing import group_by_unit, runs, take
 from transferqueue.transports import transport_class
+
+log = logging.getLogger("transferqueue.client")
+
+#: seconds a client waits to tell the controller a storage unit died
+_REPORT_TIMEOUT_S = 2.0
 
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
 _WAIT_MARGIN_S = 30.0
@@ -37,7 +47,10 @@ class AsyncTransferQueueClient:
         self.config = config
         self._controller = controller
         self._units = list(units)
-        self._stripe = config.storage.stripe_rows
+        self.client_id = uuid.uuid4().hex
+        #: a testing seam: awaited with "begun" after a put got its rows and "written" after
+        #: its bytes landed, before the commit (fault tests stop a process there)
+        self.put_hook: Callable[[str], Awaitable[None]] | None = None
         # results made of replies the transport does not hand over are copies
         self._replies_borrowed = bool(units) and not (
             transport_class(units[0].address.transport).replies_owned
@@ -70,14 +83,11 @@ class AsyncTransferQueueClient:
     async def clear_partition(self, partition_id: str) -> None:
         """Forget the partition and free its bytes. Idempotent."""
         await self._controller.call("clear_partition", partition_id)
-        await asyncio.gather(*(u.call("clear_partition", partition_id) for u in self._units))
 
     async def clear_samples(self, meta: BatchMeta) -> None:
         """Forget the rows of ``meta`` and free their bytes. Idempotent."""
-        if not meta.rows:
-            return
-        await self._controller.call("clear_samples", meta.partition_id, meta.rows)
-        await self._per_unit(meta.partition_id, meta.rows, "clear_rows")
+        if meta.rows:
+            await self._controller.call("clear_samples", meta.partition_id, meta.rows)
 
     async def reset_consumption(self, partition_id: str, task_name: str | None = None) -> None:
         await self._controller.call("reset_consumption", partition_id, task_name)
@@ -152,44 +162,80 @@ class AsyncTransferQueueClient:
         keys: list[str] | None = None,
         tags: Sequence[dict[str, Any]] | None = None,
     ) -> BatchMeta:
-        begun = await self._controller.call("begin_put", partition_id, specs, n, rows, keys)
-        rows, fresh = begun["rows"], begun["fresh"]
+        started = time.monotonic()
+        begun = await self._controller.call(
+            "begin_put", partition_id, specs, n, rows, keys,
+            list(tags) if tags is not None else None, payload_bytes(columns), self.client_id,
+        )  # fmt: skip
+        lease = begun["lease"]
         try:
+            if self.put_hook is not None:
+                await self.put_hook("begun")
+            nets = []
             if columns:
-                await self._per_unit(partition_id, rows, "put", columns)
-        except BaseException:
-            await self._abort(partition_id, rows, fresh)
+                # the writes are bounded by the lease: no byte lands after it ended
+                left = begun["ttl"] - (time.monotonic() - started)
+                results = await self._write_units(
+                    partition_id, begun["rows"], begun["units"], columns, max(left, 0.001)
+                )
+                nets = [int(r) for r in results]
+            if self.put_hook is not None:
+                await self.put_hook("written")
+            return await self._controller.call("commit", partition_id, lease, sum(nets))
+        except Exception:
+            await self._abort(partition_id, lease)
             raise
-        return await self._controller.call(
-            "commit", partition_id, rows, specs, list(tags) if tags is not None else None
-        )
+        except BaseException:  # cancelled (or closed): we may not await any more
+            with contextlib.suppress(RuntimeError):  # no loop left to run it: it expires
+                background(self._abort(partition_id, lease), "aborting a cancelled put")
+            raise
 
-    async def _abort(self, partition_id: str, rows: list[int], fresh: list[int]) -> None:
-        # bytes already written for fresh rows go; the rows return to pending or are dropped
-        cleanup = [self._controller.call("abort_put", partition_id, fresh)]
-        if fresh:
-            cleanup.append(self._per_unit(partition_id, fresh, "clear_rows"))
-        await asyncio.gather(*cleanup, return_exceptions=True)
+    async def _abort(self, partition_id: str, lease: int) -> None:
+        """End a failed put's lease; the controller gives its rows back. Best effort: a
+        lease that cannot be aborted (controller gone) expires."""
+        try:
+            await self._controller.call("abort_put", partition_id, lease)
+        except Exception as exc:  # the put's own error is what the caller must see
+            log.debug("could not abort put lease %s: %s", lease, exc)
 
-    async def _per_unit(
+    async def _write_units(
         self,
         partition_id: str,
-        rows: Sequence[int],
-        method: str,
-        columns: dict[str, Any] | None = None,
-    ) -> list[tuple[Any, Any]]:
-        """Call ``method`` on every unit that holds some of ``rows``, in parallel."""
-        groups = split_rows(partition_id, rows, len(self._units), self._stripe)
-        calls, order = [], []
-        for unit, (positions, unit_rows) in groups.items():
-            args: list[Any] = [partition_id, unit_rows]
-            if columns is not None:
-                found = runs(positions)  # the same for every column
-                args.append({name: take(col, positions, found) for name, col in columns.items()})
-            calls.append(self._units[unit].call(method, *args))
-            order.append(positions)
-        results = await asyncio.gather(*calls)
-        return list(zip(order, results))
+        rows: list[int],
+        units: list[int],
+        columns: dict[str, Any],
+        timeout: float,
+    ) -> list[Any]:
+        """Write each unit's share of ``columns``, in parallel."""
+        calls = []
+        for unit, (positions, unit_rows) in group_by_unit(rows, units).items():
+            found = runs(positions)  # the same for every column
+            share = {name: take(col, positions, found) for name, col in columns.items()}
+            calls.append(
+                self._unit_call(
+                    partition_id, unit, unit_rows, "put", partition_id, unit_rows, share,
+                    timeout=timeout,
+                )
+            )  # fmt: skip
+        return list(await asyncio.gather(*calls))
+
+    async def _unit_call(
+        self, partition_id: str, unit: int, rows: Any, method: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Call a unit; a dead unit is reported to the controller and its rows as lost."""
+        try:
+            return await self._units[unit].call(method, *args, **kwargs)
+        except ActorDiedError:
+            # tell the controller first, so partition_info counts the rows lost from now on
+            with contextlib.suppress(Exception):
+                await self._controller.call("unit_died", unit, timeout=_REPORT_TIMEOUT_S)
+            lost = rows.tolist() if hasattr(rows, "tolist") else list(rows)
+            raise RowsLostError(
+                f"rows {lost[:32]} of partition {partition_id!r} are lost: storage unit "
+                f"{unit}, which held their bytes, died",
+                partition_id,
+                lost,
+            ) from None
 
     # ---------------------------------------------------------------------- get
     async def get_meta(
@@ -250,15 +296,17 @@ class AsyncTransferQueueClient:
         names = list(fields) if fields is not None else list(meta.fields)
         if not meta.rows or not names:
             return TensorDict({}, batch_size=[len(meta.rows)], device=device)
-        parts = await self._per_unit_get(meta.partition_id, meta.rows, names)
+        units = meta.units or await self._controller.call("locate", meta.partition_id, meta.rows)
+        parts = await self._per_unit_get(meta.partition_id, meta.rows, units, names)
         return assemble(len(meta.rows), names, parts, device=device, copy=self._replies_borrowed)
 
     async def _per_unit_get(
-        self, partition_id: str, rows: Sequence[int], fields: list[str]
+        self, partition_id: str, rows: Sequence[int], units: Sequence[int], fields: list[str]
     ) -> list[tuple[Any, Any]]:
-        groups = split_rows(partition_id, rows, len(self._units), self._stripe)
+        groups = group_by_unit(rows, units)
         calls = [
-            self._units[u].call("get", partition_id, r, fields) for u, (_, r) in groups.items()
+            self._unit_call(partition_id, u, r, "get", partition_id, r, fields)
+            for u, (_, r) in groups.items()
         ]
         results = await asyncio.gather(*calls)
         return [(pos, res) for (pos, _), res in zip(groups.values(), results)]
@@ -266,14 +314,14 @@ class AsyncTransferQueueClient:
     # ---------------------------------------------------------------- key-value
     async def kv_put(
         self,
-        keys: Sequence[str],
+        keys: str | Sequence[str],
         partition_id: str,
         fields: Any = None,
         tags: Sequence[dict[str, Any]] | None = None,
     ) -> BatchMeta:
         """Write ``fields`` (one row per key) and/or merge ``tags`` into the keys' rows; new
         keys get new rows. A put with only tags is how frameworks track sample status."""
-        keys = list(keys)
+        keys = [keys] if isinstance(keys, str) else list(keys)
         if fields is None:
             if tags is None:
                 raise ValueError("kv put needs fields, tags or both")
@@ -290,10 +338,17 @@ class AsyncTransferQueueClient:
         return await self._write(partition_id, columns, specs, keys=keys, tags=tags)
 
     async def kv_get(
-        self, keys: Sequence[str], partition_id: str, select_fields: Sequence[str] | None = None
+        self,
+        keys: str | Sequence[str],
+        partition_id: str,
+        select_fields: str | Sequence[str] | None = None,
     ) -> TensorDict:
-        """The rows of ``keys``, in key order; every key must exist (KeyError otherwise)."""
-        found = await self._controller.call("kv_fields", partition_id, list(keys))
+        """The rows of ``keys`` (a key or a list), in key order; every key must exist
+        (KeyError otherwise)."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if isinstance(select_fields, str):
+            select_fields = [select_fields]
+        found = await self._controller.call("kv_fields", partition_id, keys)
         fields = found["fields"]
         if select_fields is not None:
             missing = [f for f in select_fields if f not in fields]
@@ -302,16 +357,18 @@ class AsyncTransferQueueClient:
                     f"not every key has field(s) {missing}; fields all keys have: {fields}"
                 )
             fields = list(select_fields)
-        return await self.get_data(BatchMeta(partition_id, found["rows"], fields))
+        meta = BatchMeta(partition_id, found["rows"], fields, units=found["units"])
+        return await self.get_data(meta)
 
     async def kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, Any]]:
         """``{partition: {key: tags}}`` (``{}`` for an unknown partition)."""
         return await self._controller.call("kv_list", partition_id)
 
-    async def kv_clear(self, keys: Sequence[str], partition_id: str) -> None:
-        rows = await self._controller.call("kv_clear", partition_id, list(keys))
-        if rows:
-            await self._per_unit(partition_id, rows, "clear_rows")
+    async def kv_clear(self, keys: str | Sequence[str], partition_id: str) -> None:
+        """Forget ``keys`` (a key or a list) and free their bytes; keys (and partitions)
+        already gone are ignored, as Redis ``DEL`` does."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        await self._controller.call("kv_clear", partition_id, keys)
 
     # ------------------------------------------------------------------- streaming
     def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[TensorDict, BatchMeta]]:
@@ -325,7 +382,7 @@ def _sync(name: str) -> Any:
 
     @functools.wraps(method)
     def call(self: TransferQueueClient, *args: Any, **kwargs: Any) -> Any:
-        return self._loop.run(getattr(self._async, name)(*args, **kwargs))
+        return self._loop.run(getattr(self.async_client, name)(*args, **kwargs))
 
     return call
 
@@ -337,7 +394,12 @@ class TransferQueueClient:
 
     def __init__(self, async_client: AsyncTransferQueueClient) -> None:
         self._async = async_client
-        self._loop = runtime_loop()
+
+    @property
+    def _loop(self) -> LoopThread:
+        # looked up per call: after a fork the child has a loop thread of its own (the
+        # parent's does not exist there), and the refs reconnect from the child
+        return runtime_loop()
 
     @property
     def async_client(self) -> AsyncTransferQueueClient:

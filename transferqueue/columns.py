@@ -13,6 +13,7 @@ per-unit columns that storage units return into one ``TensorDict`` in batch orde
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,31 @@ def field_spec(column: Column) -> dict[str, Any]:
     if tensors:
         raise SchemaError("a field mixes tensors and non-tensor values")
     return {"dtype": "object", "ndim": -1}
+
+
+def payload_bytes(columns: dict[str, Column]) -> int:
+    """About the bytes a put stores (what the controller reserves against the capacity;
+    the commit replaces it by what the units report)."""
+    total = 0
+    for col in columns.values():
+        if isinstance(col, torch.Tensor):
+            if col.is_nested:
+                values = getattr(col, "values", None)
+                if col.layout == torch.jagged and values is not None:
+                    total += values().nbytes
+                else:
+                    total += sum(t.nbytes for t in col.unbind())
+            else:
+                total += col.nbytes
+            continue
+        for v in col:
+            if isinstance(v, torch.Tensor):
+                total += v.nbytes
+            elif isinstance(v, (str, bytes)):
+                total += len(v)
+            else:
+                total += sys.getsizeof(v)
+    return total
 
 
 def _column(name: str, value: Any) -> tuple[Column, int]:

@@ -82,3 +82,21 @@ class SamplerError(TransferQueueError, ValueError):
 class ProtocolError(ActorError):
     """A request or reply could not be decoded (a malformed message, or a peer speaking
     another version of the call protocol); the call it belongs to fails with this."""
+
+
+class PutLeaseExpiredError(TransferQueueError):
+    """A put's lease ended before its commit (``controller.put_lease_s`` passed, or it was
+    aborted): its rows were released and nothing was published. Put again."""
+
+
+class RowsLostError(TransferQueueError):
+    """Rows whose bytes lived on a storage unit that died. ``partition_id`` and ``rows``
+    name them."""
+
+    def __init__(self, message: str, partition_id: str = "", rows: list[int] | None = None) -> None:
+        super().__init__(message, partition_id, list(rows or []))
+        self.partition_id = partition_id
+        self.rows = list(rows or [])
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

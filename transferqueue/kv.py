@@ -4,7 +4,9 @@ Each sample of a partition may have a string key. ``kv_batch_put`` writes fields
 merges tags by key (new keys get new rows; a tag-only put tracks sample status);
 ``kv_batch_get`` reads by key, in key order. Unlike the public project, a missing key
 raises ``KeyError`` naming it, and so does a selected field that some key lacks.
-Every function has an ``async_`` twin. They use the default client (``tq.init``).
+``kv_clear`` of keys that are already gone is a no-op (Redis ``DEL``). A row's id is
+reused after its key is cleared, so a long-lived partition with put/clear churn stays
+as small as its live keys. Every function has an ``async_`` twin. They use the default client (``tq.init``).
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def kv_batch_put(
 
 
 def kv_batch_get(
-    keys: Sequence[str], partition_id: str, select_fields: Sequence[str] | None = None
+    keys: str | Sequence[str], partition_id: str, select_fields: str | Sequence[str] | None = None
 ) -> TensorDict:
-    """The samples of ``keys`` in key order: ``select_fields``, or every field all keys have."""
+    """The samples of ``keys`` (a key or a list) in key order: ``select_fields``, or every
+    field all keys have."""
     return get_client().kv_get(keys, partition_id, select_fields)
 
 
@@ -64,8 +67,9 @@ def kv_list(partition_id: str | None = None) -> dict[str, dict[str, Any]]:
     return get_client().kv_list(partition_id)
 
 
-def kv_clear(keys: Sequence[str], partition_id: str) -> None:
-    """Forget the samples of ``keys`` and free their bytes."""
+def kv_clear(keys: str | Sequence[str], partition_id: str) -> None:
+    """Forget the samples of ``keys`` (a key or a list) and free their bytes; keys that are
+    already gone are ignored (as Redis ``DEL``: clearing again on resume is safe)."""
     get_client().kv_clear(keys, partition_id)
 
 
@@ -87,7 +91,7 @@ async def async_kv_batch_put(
 
 
 async def async_kv_batch_get(
-    keys: Sequence[str], partition_id: str, select_fields: Sequence[str] | None = None
+    keys: str | Sequence[str], partition_id: str, select_fields: str | Sequence[str] | None = None
 ) -> TensorDict:
     return await get_async_client().kv_get(keys, partition_id, select_fields)
 
@@ -96,5 +100,5 @@ async def async_kv_list(partition_id: str | None = None) -> dict[str, dict[str, 
     return await get_async_client().kv_list(partition_id)
 
 
-async def async_kv_clear(keys: Sequence[str], partition_id: str) -> None:
+async def async_kv_clear(keys: str | Sequence[str], partition_id: str) -> None:
     await get_async_client().kv_clear(keys, partition_id)

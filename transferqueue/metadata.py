@@ -49,13 +49,16 @@ class BatchMeta:
     """A batch of samples of one partition: rows (in batch order), fields and per-row tags.
 
     ``tags`` may be left out (one empty dict per row is used); when given it must hold one
-    dict per row. ``len(meta)`` is the number of rows.
+    dict per row. ``units`` is where each row's bytes live, as the controller placed them
+    (filled in by the metas the client returns; left empty, ``get_data`` asks the
+    controller). ``len(meta)`` is the number of rows.
     """
 
     partition_id: str
     rows: list[int] = field(default_factory=list)
     fields: list[str] = field(default_factory=list)
     tags: list[dict[str, Any]] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition_id, str):
@@ -67,6 +70,12 @@ class BatchMeta:
             raise ValueError(
                 f"BatchMeta needs one tag dict per row: {len(self.rows)} rows, "
                 f"{len(self.tags)} tags"
+            )
+        self.units = _check_row_list(self.units) if self.units else []
+        if self.units and len(self.units) != len(self.rows):
+            raise ValueError(
+                f"BatchMeta units name one unit per row: {len(self.rows)} rows, "
+                f"{len(self.units)} units"
             )
 
     # ----------------------------------------------------------------- basics
@@ -94,6 +103,7 @@ class BatchMeta:
             rows=self.rows[start:stop],
             fields=list(self.fields),
             tags=self.tags[start:stop],
+            units=self.units[start:stop],
         )
 
     # ------------------------------------------------------- split and join
@@ -148,6 +158,9 @@ class BatchMeta:
             rows=[r for m in metas for r in m.rows],
             fields=fields,
             tags=[t for m in metas for t in m.tags],
+            units=[u for m in metas for u in m.units]
+            if all(m.units or not m.rows for m in metas)
+            else [],
         )
 
     def select_fields(self, fields: Sequence[str]) -> BatchMeta:
@@ -156,7 +169,7 @@ class BatchMeta:
         missing = [f for f in fields if f not in self.fields]
         if missing:
             raise ValueError(f"fields {missing} are not in this batch (it has {self.fields})")
-        return BatchMeta(self.partition_id, list(self.rows), fields, self.tags)
+        return BatchMeta(self.partition_id, list(self.rows), fields, self.tags, list(self.units))
 
     # ------------------------------------------------------------------ wire
     def to_plain(self) -> dict[str, Any]:
@@ -166,6 +179,7 @@ class BatchMeta:
             "rows": list(self.rows),
             "fields": list(self.fields),
             "tags": [dict(t) for t in self.tags],
+            "units": list(self.units),
         }
 
     @classmethod
@@ -176,6 +190,7 @@ class BatchMeta:
             rows=list(plain.get("rows", [])),
             fields=list(plain.get("fields", [])),
             tags=list(plain.get("tags", [])),
+            units=list(plain.get("units", [])),
         )
 
 
@@ -196,6 +211,10 @@ class PartitionInfo:
     produced: dict[str, int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)
+    #: rows allocated by puts that have not committed yet (under a put lease)
+    in_flight: int = 0
+    #: rows whose bytes lived on a storage unit that died (not counted in ``size``)
+    lost: int = 0
 
     def to_plain(self) -> dict[str, Any]:
         """Plain values for the wire codec."""
@@ -207,6 +226,8 @@ class PartitionInfo:
             "produced": dict(self.produced),
             "consumed": dict(self.consumed),
             "waiting": dict(self.waiting),
+            "in_flight": self.in_flight,
+            "lost": self.lost,
         }
 
     @classmethod
@@ -220,6 +241,8 @@ class PartitionInfo:
             produced=dict(plain.get("produced", {})),
             consumed=dict(plain.get("consumed", {})),
             waiting=dict(plain.get("waiting", {})),
+            in_flight=int(plain.get("in_flight", 0)),
+            lost=int(plain.get("lost", 0)),
         )
 
 

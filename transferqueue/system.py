@@ -53,7 +53,10 @@ class System:
 
     async def aclose(self) -> None:
         await self.async_client.close()
-        await asyncio.gather(*(h.stop() for h in self.handles))
+        # the controller first: it watches the units, and they going away is no fault then
+        if self.handles:
+            await self.handles[0].stop()
+        await asyncio.gather(*(h.stop() for h in self.handles[1:]))
         self.handles = []
 
 
@@ -61,19 +64,23 @@ async def start_system(config: Config) -> System:
     """Spawn a controller and the storage units on ``config.transport``."""
     transport = transport_class(config.transport)(config)
     n = config.storage.units
-    capacity = config.storage.capacity_bytes
-    share = None if capacity is None else max(1, capacity // n)
     controller_name = "controller" if config.transport == "ray" else None
+    # the capacity is one system-wide bound, kept by the controller when it admits puts
+    controller_options = {
+        "num_units": n,
+        "stripe_rows": config.storage.stripe_rows,
+        "capacity_bytes": config.storage.capacity_bytes,
+        "block_when_full": config.storage.block_when_full,
+        "put_lease_s": config.controller.put_lease_s,
+    }
     spawned = await asyncio.gather(
         transport.spawn(
             ControllerActor,
             (config.controller.pre_allocate, config.controller.sampler),
+            controller_options,
             name=controller_name,
         ),
-        *(
-            transport.spawn(StorageUnit, (i, n, share, config.storage.block_when_full))
-            for i in range(n)
-        ),
+        *(transport.spawn(StorageUnit, (i, n, None, False)) for i in range(n)),
         return_exceptions=True,
     )
     handles = [h for h in spawned if isinstance(h, ActorHandle)]

@@ -1,96 +1,113 @@
-"""Row routing: rows of a partition striped across storage units, and reassembly."""
+"""Row routing: rows placed on storage units by the controller, split by unit, reassembled."""
 
 from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
-from transferqueue.errors import ConfigError, SchemaError
+from transferqueue.controller.placement import Placement
+from transferqueue.errors import ActorDiedError, SchemaError
 from transferqueue.storage import routing
 from transferqueue.storage.routing import (
     PIECE_BYTES,
     SMALL,
     STRIPE_ROWS,
     assemble,
+    group_by_unit,
     runs,
-    split_rows,
     take,
-    unit_for_row,
-    units_for_rows,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_unit_for_row_is_stable_and_striped_in_blocks() -> None:
-    offset = zlib.crc32(b"train@0")
-    expected = [(offset + r // STRIPE_ROWS) % 4 for r in range(8 * STRIPE_ROWS)]
-    assert [unit_for_row("train@0", r, 4) for r in range(8 * STRIPE_ROWS)] == expected
-    assert [unit_for_row("train@0", r, 4, stripe=1) for r in range(8)] == [
-        (offset + r) % 4 for r in range(8)
-    ]
-    assert unit_for_row("train@0", 5, 1) == 0
-    # vectorised form agrees with the scalar one
-    rows = torch.arange(1000)
-    for stripe in (1, 7, STRIPE_ROWS):
-        assert units_for_rows("train@0", rows, 3, stripe).tolist() == [
-            unit_for_row("train@0", r, 3, stripe) for r in range(1000)
-        ]
-    with pytest.raises(ConfigError, match="stripe_rows"):
-        unit_for_row("p", 1, 2, stripe=0)
+def _split(
+    pid: str, rows: list[int] | torch.Tensor, num_units: int, stripe: int = STRIPE_ROWS
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Place a put's rows as the controller does, then group them by unit as the client does."""
+    placement = Placement(num_units, stripe)
+    units, _ = placement.assign(placement.first_unit(pid), len(rows))
+    return group_by_unit(rows, units.tolist())
+
+
+def test_placement_goes_round_the_units_in_blocks_and_moves_on() -> None:
+    placement = Placement(4, STRIPE_ROWS)
+    first = placement.first_unit("train@0")
+    assert first == zlib.crc32(b"train@0") % 4
+    units, cursor = placement.assign(first, 8 * STRIPE_ROWS)
+    assert units.tolist() == [(first + r // STRIPE_ROWS) % 4 for r in range(8 * STRIPE_ROWS)]
+    # small puts, one after the other, visit the units in turn (not all on one)
+    seen = []
+    for _ in range(8):
+        one, cursor = placement.assign(cursor, 1)
+        seen.append(int(one[0]))
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # a dead unit gets no rows; with none left, a typed error
+    placement.dead.add(seen[0])
+    units, _ = placement.assign(0, 1000)
+    assert seen[0] not in set(units.tolist())
+    placement.dead.update(range(4))
+    with pytest.raises(ActorDiedError, match="every storage unit"):
+        placement.assign(0, 1)
+    with pytest.raises(ValueError):
+        Placement(2, 0)
 
 
 def test_a_unit_share_of_consecutive_rows_is_a_few_runs() -> None:
-    parts = split_rows("p", list(range(100, 100 + 8 * STRIPE_ROWS)), 2)
+    parts = _split("p", list(range(100, 100 + 8 * STRIPE_ROWS)), 2)
     assert len(parts) == 2
     for pos, _ in parts.values():
         found = runs(pos)
-        assert len(found) in (4, 5)  # 8 blocks (9 when not aligned) alternate between 2 units
+        assert len(found) == 4  # 8 blocks alternate between 2 units
         assert sum(k for _, k in found) == pos.numel()
-    # a micro-batch inside one block is served by one unit
-    assert len(split_rows("p", list(range(STRIPE_ROWS, 2 * STRIPE_ROWS)), 4)) == 1
+    # a micro-batch of one block is served by one unit
+    assert len(_split("p", list(range(STRIPE_ROWS, 2 * STRIPE_ROWS)), 4)) == 1
 
 
 def test_partitions_start_on_different_units() -> None:
-    firsts = {unit_for_row(f"step_{i}", 0, 4) for i in range(32)}
+    firsts = {Placement(4).first_unit(f"step_{i}") for i in range(32)}
     assert len(firsts) > 1
 
 
 @pytest.mark.parametrize("num_units", [1, 2, 3, 8])
-def test_split_rows_is_balanced_and_keeps_batch_order(num_units: int) -> None:
+def test_placement_is_balanced_and_grouping_keeps_batch_order(num_units: int) -> None:
     rows = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[:4096]
-    parts = split_rows("p", rows, num_units, stripe=1)
+    placement = Placement(num_units, 1)
+    units, _ = placement.assign(0, len(rows))
+    parts = group_by_unit(rows, units.tolist())
     sizes = [p[0].numel() for p in parts.values()]
-    assert sum(sizes) == 4096 and max(sizes) - min(sizes) <= 4096 // num_units // 5 + 2
+    assert sum(sizes) == 4096 and max(sizes) - min(sizes) <= 1
     seen = torch.zeros(4096, dtype=torch.bool)
     for unit, (pos, unit_rows) in parts.items():
         assert torch.equal(unit_rows, rows[pos])
         assert bool((pos.diff() > 0).all())  # ascending: batch order kept
-        assert set(units_for_rows("p", unit_rows, num_units, 1).tolist()) == {unit}
+        assert set(units[pos.numpy()].tolist()) == {unit}
         seen[pos] = True
     assert bool(seen.all())
 
 
-def test_split_rows_edge_cases() -> None:
-    assert split_rows("p", [], 4) == {}
-    parts = split_rows("p", [7], 4)
-    assert list(parts) == [unit_for_row("p", 7, 4)]
-    with pytest.raises(ConfigError):
-        split_rows("p", [1], 0)
+def test_group_by_unit_edge_cases() -> None:
+    assert group_by_unit([], []) == {}
+    parts = group_by_unit([7], [3])
+    assert list(parts) == [3] and parts[3][1].tolist() == [7]
     with pytest.raises(SchemaError):
-        split_rows("p", [-1], 2)
+        group_by_unit([1, 2], [0])
     with pytest.raises(SchemaError):
-        split_rows("p", [0.5], 2)
+        group_by_unit([-1], [0])
+    with pytest.raises(SchemaError):
+        group_by_unit(list(range(300)), [-1] * 300)
 
 
 @pytest.mark.parametrize("num_units", [1, 2, 3, 8])
-def test_split_rows_of_a_short_list_matches_the_tensor_path(num_units: int) -> None:
+def test_grouping_a_short_list_matches_the_tensor_path(num_units: int) -> None:
     rows = torch.randperm(1000)[:100].tolist()
-    short = split_rows("q", rows, num_units)  # a list of < 256 ints: plain Python
-    big = split_rows("q", torch.tensor(rows), num_units)
-    assert list(short) == list(big)
+    units = np.random.default_rng(0).integers(0, num_units, len(rows)).tolist()
+    short = group_by_unit(rows, units)  # a list of < 256 ints: plain Python
+    big = group_by_unit(torch.tensor(rows), units)
+    assert sorted(short) == sorted(big)
     for unit, (pos, unit_rows) in short.items():
         assert pos.dtype == unit_rows.dtype == torch.int64
         assert torch.equal(pos, big[unit][0]) and torch.equal(unit_rows, big[unit][1])
@@ -118,7 +135,7 @@ def _stored(col: object) -> object:
 
 def _round_trip(column: object, rows: list[int], num_units: int) -> object:
     """Split a batch column by unit, then put the pieces back together."""
-    parts = split_rows("p", rows, num_units)
+    parts = _split("p", rows, num_units)
     pieces = [(pos, _stored(take(column, pos))) for pos, _ in parts.values()]
     out = assemble(pieces, len(rows))
     # the runs of each piece's positions, found once by the caller, give the same result
@@ -161,7 +178,7 @@ def test_big_columns_travel_as_views_of_runs(num_units: int) -> None:
     lengths = torch.randint(0, 3 * PIECE_BYTES // 8 // STRIPE_ROWS, (n,))
     jag_rows = [torch.randint(0, 9, (int(k), 2)) for k in lengths]
     jagged = torch.nested.nested_tensor(jag_rows, layout=torch.jagged)
-    for pos, _ in split_rows("p", rows, num_units).values():
+    for pos, _ in _split("p", rows, num_units).values():
         piece = take(dense, pos)
         assert isinstance(piece, dict) and len(piece["pieces"]) == len(runs(pos))
         given = take(dense, pos, runs(pos))  # runs found once for all columns: same pieces

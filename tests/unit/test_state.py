@@ -97,7 +97,7 @@ def test_smaller_reservation_drops_pending_slots_beyond_it() -> None:
     put(state, "p", 2)
     state.create_partition("p", expected_size=3)
     assert state.partition_info("p").size == 3
-    assert state.allocate("p", 2) == [2, 6]  # slot 2, then a new row (3..5 are gone)
+    assert state.allocate("p", 2) == [2, 3]  # slot 2, then a dead row reused (lowest first)
 
 
 def test_insert_fills_lowest_slots_then_appends_beyond_the_reservation() -> None:
@@ -167,10 +167,10 @@ def test_release_returns_reserved_rows_to_pending_and_drops_appended_ones() -> N
     state.release("p", rows)
     assert state.partition_info("p").size == 2  # slots 0, 1 pending again
     assert state.kv_list("p") == {"p": {}}
-    assert state.allocate("p", 3, keys=["a", "b", "c"]) == [0, 1, 4]  # 2, 3 are never reused
+    assert state.allocate("p", 3, keys=["a", "b", "c"]) == [0, 1, 2]  # slots, then row 2 reused
     state.release("p", [0])
     put(state, "p", 1)  # fills slot 0 again
-    assert state.get_production_status(["x"], "p")[0].tolist() == [0, 1, 4]
+    assert state.get_production_status(["x"], "p")[0].tolist() == [0, 1, 2]
 
 
 def test_release_leaves_committed_rows_and_unknown_rows_alone() -> None:
@@ -398,7 +398,7 @@ def test_clear_samples() -> None:
     assert (info.size, info.produced, info.consumed) == (2, {"x": 1}, {"t": 0})
     assert state.get_consumption_status("t", "p")[0].tolist() == [1, 2]
     assert state.kv_list("p") == {"p": {"b": {"k": 2}}}
-    assert state.allocate("p", 2) == [2, 4]  # row 0 is never reused; slot 3 is gone
+    assert state.allocate("p", 2) == [2, 0]  # slot 2, then dead rows reused lowest first
 
 
 def test_clear_partition_bumps_the_generation() -> None:
@@ -491,7 +491,7 @@ def test_capacity_grows_geometrically() -> None:
         put(state, "p", 1)
         seen.add(state.memory_bytes("p") - 8 * state.partition_info("p").size)
     assert len(seen) <= 12  # about log2(5000) reallocations, not one per append
-    assert state.memory_bytes("p") <= 2 * 5000 * 2 + 8 * 5000
+    assert state.memory_bytes("p") <= 2 * 5000 * (2 + 2) + 8 * 5000  # + a 2-byte unit per row
 
 
 def test_bytes_per_row_are_small() -> None:
@@ -561,6 +561,6 @@ def test_helpers_for_update_puts_and_kv_reads() -> None:
     with pytest.raises(PartitionNotFoundError):
         state.check_rows("q", [0])
     meta = state.meta_of("p", [2, 0], ["x"])
-    assert meta == BatchMeta("p", [2, 0], ["x"], [{"a": 3}, {"a": 1}])
+    assert meta == BatchMeta("p", [2, 0], ["x"], [{"a": 3}, {"a": 1}], units=[-1, -1])
     assert state.common_fields("p", [0, 1]) == ["x", "y"]
     assert state.common_fields("p", [0, 2]) == ["x"]

@@ -3,22 +3,35 @@
 It translates requests into state calls and owns the waiting: one :class:`_Waiters` per
 partition, woken after every change (commit, seal, clear, reset, ...), never by a timer.
 Waiters of one (partition, task, rank, batch_index) are served in arrival order.
+
+It also owns what needs the storage units: clearing the bytes of dropped and released rows
+before their ids are reused (:meth:`_drain`), a timer at the earliest put-lease deadline
+(the only timer: it fires when a lease must end, it never polls), and one long-lived
+``watch`` call per unit whose failure with ``ActorDiedError`` tells the controller the unit
+died (its rows are then reported lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import os
+import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from transferqueue.controller.partition import FieldSpec
+from transferqueue.actor import ActorRef, Address
+from transferqueue.controller.leases import Release
 from transferqueue.controller.state import ControllerState
-from transferqueue.errors import PartitionNotFoundError, SchemaError
+from transferqueue.errors import ActorDiedError, PartitionNotFoundError
+from transferqueue.loop import background
 from transferqueue.metadata import BatchMeta, PartitionInfo
+
+log = logging.getLogger("transferqueue.controller")
 
 #: tokens of withdrawn calls that have not arrived kept at most (oldest forgotten first)
 _WITHDRAWN_KEPT = 4096
@@ -41,25 +54,85 @@ class _Waiters:
 class ControllerActor:
     """Remote methods of the control plane (see :class:`AsyncTransferQueueClient`)."""
 
-    def __init__(self, pre_allocate: int = 0, sampler: Any = "sequential") -> None:
-        self._state = ControllerState(default_expected_size=pre_allocate, sampler=sampler)
+    def __init__(
+        self,
+        pre_allocate: int = 0,
+        sampler: Any = "sequential",
+        *,
+        num_units: int = 1,
+        stripe_rows: int = 128,
+        capacity_bytes: int | None = None,
+        block_when_full: bool = False,
+        put_lease_s: float = 60.0,
+    ) -> None:
+        self._state = ControllerState(
+            default_expected_size=pre_allocate,
+            sampler=sampler,
+            num_units=num_units,
+            stripe_rows=stripe_rows,
+            capacity_bytes=capacity_bytes,
+            put_lease_s=put_lease_s,
+        )
+        self._block_when_full = block_when_full
         self._waiters: dict[str, _Waiters] = {}
         self._queues: dict[tuple[Any, ...], deque[object]] = {}
         self._system: dict[str, Any] = {}
         self._waiting: dict[str, str] = {}  # token of a waiting get_meta -> its partition
         self._withdrawn: OrderedDict[str, None] = OrderedDict()  # tokens cancel_wait named
+        self._units: list[ActorRef] = []
+        self._tasks: set[asyncio.Future[Any]] = set()  # unit watchers, drains
+        self._timer: asyncio.TimerHandle | None = None
+        self._space = _Waiters()  # woken when bytes are freed
+        self._clearing: dict[str, asyncio.Event] = {}  # partitions whose bytes are going
 
     def _changed(self, pid: str) -> None:
         waiters = self._waiters.get(pid)
         if waiters is not None:
             waiters.changed()
 
+    def _own(self, coro: Any, what: str) -> None:
+        task = background(coro, what)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
     # ------------------------------------------------------------------ system
     async def set_system(self, info: Mapping[str, Any]) -> None:
         self._system = dict(info)
+        self._units = [ActorRef(Address.from_plain(u)) for u in info.get("units", [])]
+        for i, ref in enumerate(self._units):
+            self._own(self._watch(i, ref), f"watching storage unit {i}")
+
+    async def _watch(self, unit: int, ref: ActorRef) -> None:
+        """A call that never returns while the unit lives: its failure says it died."""
+        try:
+            await ref.call("watch", timeout=None)
+        except ActorDiedError:
+            self._unit_died(unit)
+
+    def _unit_died(self, unit: int) -> None:
+        lost = self._state.mark_unit_dead(unit)
+        if lost:
+            log.warning("storage unit %d died; rows lost per partition: %s", unit, lost)
+        for pid in lost:
+            self._changed(pid)
+        self._space.changed()
+
+    async def unit_died(self, unit: int) -> None:
+        """A client saw storage unit ``unit`` die (``ActorDiedError``)."""
+        self._unit_died(unit)
 
     async def system_info(self) -> dict[str, Any]:
         return self._system
+
+    async def process_id(self) -> int:
+        """The controller's process id (operators and fault tests kill it)."""
+        return os.getpid()
 
     # -------------------------------------------------------------- partitions
     async def create_partition(self, pid: str, expected_size: int = 0) -> PartitionInfo:
@@ -73,13 +146,44 @@ class ControllerActor:
         return self._info(pid)
 
     async def clear_partition(self, pid: str) -> None:
+        """Forget ``pid`` and free its bytes on every unit (puts into it wait meanwhile)."""
         self._state.clear_partition(pid)
         self._changed(pid)
         self._waiters.pop(pid, None)
+        done = self._clearing.setdefault(pid, asyncio.Event())
+        try:
+            calls = {u: ("clear_partition", pid) for u in self._alive_units()}
+            await self._on_units(calls)
+        finally:
+            self._clearing.pop(pid, None)
+            done.set()
 
     async def clear_samples(self, pid: str, rows: Sequence[int]) -> None:
-        self._state.clear_samples(pid, rows)
+        """Drop ``rows`` and free their bytes; their ids are reused only after that."""
+        generation = self._state.generation(pid)
+        groups = self._state.drop_rows(pid, rows)
         self._changed(pid)
+        await self._on_units({u: ("clear_rows", pid, r) for u, r in groups.items()})
+        self._state.recycle(pid, generation, [r for rs in groups.values() for r in rs])
+
+    def _alive_units(self) -> list[int]:
+        return self._state.placement.alive() if self._units else []
+
+    async def _on_units(self, calls: Mapping[int, tuple[Any, ...]]) -> None:
+        """Run one call per unit (``{unit: (method, *args)}``), in parallel; freed bytes go
+        back to the capacity. A dead unit is marked so; other failures are logged."""
+        items = [(u, c) for u, c in calls.items() if u < len(self._units)]
+        results = await asyncio.gather(
+            *(self._units[u].call(c[0], *c[1:]) for u, c in items), return_exceptions=True
+        )
+        for (unit, call), result in zip(items, results):
+            if isinstance(result, int):
+                self._state.capacity.freed(result)
+            elif isinstance(result, ActorDiedError):
+                self._unit_died(unit)
+            elif isinstance(result, BaseException):
+                log.warning("storage unit %d could not %s: %s", unit, call[0], result)
+        self._space.changed()
 
     async def reset_consumption(self, pid: str, task: str | None = None) -> None:
         self._state.reset_consumption(pid, task)
@@ -99,52 +203,91 @@ class ControllerActor:
         return dataclasses.replace(self._state.partition_info(pid), waiting=waiting)
 
     # ------------------------------------------------------------------ writes
-    def _check_specs(self, pid: str, specs: Mapping[str, Any]) -> None:
-        if not self._state.has_partition(pid):
-            return
-        known = self._state.field_specs(pid)
-        for name, raw in specs.items():
-            spec, old = FieldSpec.from_plain(raw), known.get(name)
-            if old is not None and old != spec:
-                raise SchemaError(
-                    f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
-                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
-                )
-
     async def begin_put(
         self,
         pid: str,
         specs: Mapping[str, Any],
-        n: int,
+        n: int = 0,
         rows: Sequence[int] | None = None,
         keys: Sequence[str] | None = None,
-    ) -> dict[str, list[int]]:
-        """Validate a put and give it rows: ``rows`` (existing rows), ``keys`` (rows of those
-        keys, new ones allocated) or ``n`` new rows. ``fresh`` lists the rows allocated here."""
-        self._check_specs(pid, specs)
-        if rows is not None:
-            self._state.check_rows(pid, rows)
-            return {"rows": list(rows), "fresh": []}
-        if keys is not None:
-            got, is_new = self._state.upsert_keys(pid, keys)
-            return {"rows": got, "fresh": [r for r, new in zip(got, is_new) if new]}
-        got = self._state.allocate(pid, n)
-        return {"rows": got, "fresh": got}
+        tags: Sequence[Mapping[str, Any] | None] | None = None,
+        nbytes: int = 0,
+        client: str = "",
+    ) -> dict[str, Any]:
+        """Validate a put and give it rows under a put lease: ``rows`` (existing rows),
+        ``keys`` (rows of those keys, new ones allocated) or ``n`` new rows. Returns the
+        lease id, the rows and their units, the rows allocated here (``fresh``) and the
+        lease's seconds (``ttl``): the writes must land and the commit arrive within them."""
+        clearing = self._clearing.get(pid)
+        if clearing is not None:
+            await clearing.wait()
+        capacity = self._state.capacity
+        if self._block_when_full and not capacity.fits(nbytes) and capacity.can_ever_fit(nbytes):
+            while not capacity.fits(nbytes):  # woken by clears and releases, never polling
+                await self._space.wait(None)
+        lease = self._state.begin_put(
+            pid, specs, now=time.time(), n=n, rows=rows, keys=keys, tags=tags,
+            nbytes=nbytes, client=client,
+        )  # fmt: skip
+        self._arm_expiry()
+        return {
+            "lease": lease.lease,
+            "rows": lease.rows.tolist(),
+            "units": lease.units.tolist(),
+            "fresh": lease.fresh.tolist(),
+            "ttl": self._state.put_lease_s,
+        }
 
-    async def abort_put(self, pid: str, fresh: Sequence[int]) -> None:
-        self._state.release(pid, fresh)
+    async def commit(self, pid: str, lease: int, net_bytes: int = 0) -> BatchMeta:
+        """Publish the put of ``lease``. A refused commit releases the lease at once."""
+        try:
+            meta = self._state.commit_put(lease, net_bytes)
+        except Exception:
+            await self._end(lease, "aborted")
+            raise
         self._changed(pid)
+        return meta
 
-    async def commit(
-        self,
-        pid: str,
-        rows: Sequence[int],
-        specs: Mapping[str, Any],
-        tags: Sequence[Mapping[str, Any]] | None = None,
-    ) -> BatchMeta:
-        self._state.commit(pid, rows, specs, tags)
-        self._changed(pid)
-        return self._state.meta_of(pid, rows, list(specs))
+    async def abort_put(self, pid: str, lease: int) -> list[int]:
+        """End ``lease`` without publishing; returns the rows actually released ([] when
+        the lease had already ended -- e.g. it committed and the reply was lost)."""
+        return await self._end(lease, "aborted")
+
+    async def _end(self, lease: int, reason: str) -> list[int]:
+        rel = self._state.end_lease(lease, reason)
+        return [] if rel is None else await self._drain(rel)
+
+    async def _drain(self, rel: Release) -> list[int]:
+        """Clear the bytes of released rows from their units, then give the rows back."""
+        groups = rel.by_unit()
+        await self._on_units({u: ("clear_rows", rel.pid, rows) for u, rows in groups.items()})
+        released = self._state.finish_release(rel)
+        self._changed(rel.pid)
+        return released
+
+    def _arm_expiry(self) -> None:
+        """One timer, at the earliest lease deadline."""
+        deadline = self._state.leases.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - time.time())
+            self._timer = loop.call_later(delay, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        self._timer = None
+        for rel in self._state.expire(time.time()):
+            log.warning(
+                "put lease of %d row(s) of partition %r expired: released", len(rel.rows), rel.pid
+            )
+            self._own(self._drain(rel), "releasing the rows of an expired put lease")
+        self._arm_expiry()
+
+    async def locate(self, pid: str, rows: Sequence[int]) -> list[int]:
+        """The unit of each of ``rows`` (``RowsLostError`` for lost rows)."""
+        return self._state.locate(pid, rows)
 
     async def set_tags(
         self, pid: str, rows: Sequence[int], tags: Sequence[Mapping[str, Any]]
@@ -268,12 +411,14 @@ class ControllerActor:
         return self._state.kv_list(pid)
 
     async def kv_clear(self, pid: str, keys: Sequence[str]) -> list[int]:
-        rows = self._state.rows_for_keys(pid, keys) if self._state.has_partition(pid) else []
-        self._state.clear_samples(pid, rows)
-        self._changed(pid)
+        """Forget ``keys`` (keys already gone are ignored, as Redis ``DEL``); returns the
+        rows dropped."""
+        rows = self._state.rows_of_present_keys(pid, keys)
+        await self.clear_samples(pid, rows)
         return rows
 
     async def kv_fields(self, pid: str, keys: Sequence[str]) -> dict[str, Any]:
         """Rows of ``keys`` and the fields every one of them has."""
         rows = self._state.rows_for_keys(pid, keys)
-        return {"rows": rows, "fields": self._state.common_fields(pid, rows)}
+        units = self._state.locate(pid, rows)
+        return {"rows": rows, "fields": self._state.common_fields(pid, rows), "units": units}

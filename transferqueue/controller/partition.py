@@ -1,14 +1,18 @@
 """The arrays and registries of one partition (driven by :mod:`.state`; no I/O).
 
 Rows are partition-local and dense (``0..n-1``). A ``uint8`` state per row says whether it is
-dead (dropped; ids are never reused, so a stale ``BatchMeta`` never aliases a new sample),
-pending (a reserved slot), in flight (allocated by an insert, not committed) or committed.
+dead (dropped), pending (a reserved slot), in flight (allocated by an insert, not committed),
+committed, or lost (its bytes lived on a storage unit that died). A dead row's id is reused
+by a later insert once its bytes are known to be gone from the units (``recycle``), so memory
+follows the live rows, not every row ever written; a row id is stable while its row lives.
 Production bits per (row, field) and consumption bits per (task, row) are one byte per cell
 in numpy arrays whose capacity grows geometrically; a first reservation gets exactly its size.
+Each row also remembers the storage unit that holds its bytes (``-1``: none yet).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -19,9 +23,11 @@ import torch
 
 from transferqueue.errors import PartitionSealedError
 
-__all__ = ["COMMITTED", "DEAD", "INFLIGHT", "PENDING", "FieldSpec", "Partition"]
+__all__ = ["COMMITTED", "DEAD", "INFLIGHT", "LOST", "PENDING", "FieldSpec", "Partition"]
 
-DEAD, PENDING, INFLIGHT, COMMITTED = 0, 1, 2, 3
+DEAD, PENDING, INFLIGHT, COMMITTED, LOST = 0, 1, 2, 3, 4
+#: ``unit`` of a row that holds no bytes anywhere / of a dead row waiting in ``free``
+NO_UNIT, FREE = -1, -2
 _EMPTY_TAGS: Mapping[str, Any] = MappingProxyType({})
 _MIN_CAPACITY = 16
 _MIN_WINDOW = 256
@@ -51,6 +57,11 @@ class FieldSpec:
         if isinstance(value, (tuple, list)) and len(value) == 2:
             return cls(str(value[0]), int(value[1]))
         raise TypeError(f"a field spec must be a FieldSpec, dict or (dtype, ndim), got {value!r}")
+
+
+def live_mask(state: np.ndarray) -> np.ndarray:
+    """Which of these row states are live: pending, in flight or committed."""
+    return (state >= PENDING) & (state <= COMMITTED)
 
 
 def rows_array(rows: Any) -> np.ndarray:
@@ -95,6 +106,11 @@ class Partition:
         self.row_keys: dict[int, str] = {}
         self.n_pending = 0
         self.pending_lo = 0
+        self.unit = np.zeros(0, dtype=np.int16)
+        #: dead rows whose bytes are gone from the units: reused lowest first (a heap)
+        self.free: list[int] = []
+        #: the unit the next allocated block of rows goes to (placement round robin)
+        self.next_unit = 0
 
     # ------------------------------------------------------------ storage
     @property
@@ -112,6 +128,9 @@ class Partition:
             return b
 
         self.state = grown(self.state)
+        unit = np.full(new_cap, NO_UNIT, dtype=np.int16)
+        unit[: self.n] = self.unit[: self.n]
+        self.unit = unit
         self.prod = {f: grown(a) for f, a in self.prod.items()}
         self.cons = {t: grown(a) for t, a in self.cons.items()}
 
@@ -124,6 +143,26 @@ class Partition:
         self.n += count
         return rows
 
+    def take_free(self, count: int) -> np.ndarray:
+        """Up to ``count`` recycled dead rows (lowest first), now in flight."""
+        got = [heapq.heappop(self.free) for _ in range(min(count, len(self.free)))]
+        rows = np.array(got, dtype=np.int64)
+        if len(rows):
+            self.state[rows] = INFLIGHT
+            self.unit[rows] = NO_UNIT
+            for t, lwm in self.lwm.items():  # a reused row below a task's mark is unconsumed
+                self.lwm[t] = min(lwm, int(rows[0]))
+        return rows
+
+    def recycle(self, rows: np.ndarray) -> None:
+        """Dead ``rows`` whose bytes are gone from every unit may be reused (others and
+        rows already waiting for reuse are left alone)."""
+        rows = rows[(rows >= 0) & (rows < self.n)]
+        rows = np.unique(rows[(self.state[rows] == DEAD) & (self.unit[rows] != FREE)])
+        self.unit[rows] = FREE
+        for r in rows.tolist():
+            heapq.heappush(self.free, r)
+
     def task(self, task: str) -> np.ndarray:
         if task not in self.cons:
             self.cons[task] = np.zeros(self.capacity, dtype=bool)
@@ -131,7 +170,8 @@ class Partition:
         return self.cons[task]
 
     def nbytes(self) -> int:
-        arrays = [self.state, *self.prod.values(), *self.cons.values()]
+        arrays: list[np.ndarray] = [self.state, self.unit, *self.prod.values()]
+        arrays += self.cons.values()
         return sum(a.nbytes for a in arrays) + 8 * len(self.tags)
 
     # ------------------------------------------------------------ scanning
@@ -163,7 +203,7 @@ class Partition:
         lo, width = self.lwm[task], _MIN_WINDOW
         while lo < self.n:
             hi = min(self.n, lo + width)
-            window = self.state[lo:hi] != DEAD
+            window = live_mask(self.state[lo:hi])
             window &= ~cons[lo:hi]
             first = int(window.argmax())
             if window[first]:
@@ -172,7 +212,7 @@ class Partition:
         return self.n
 
     def live(self) -> np.ndarray:
-        return self.state[: self.n] != DEAD
+        return live_mask(self.state[: self.n])
 
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(self.live()).astype(np.int64)
@@ -184,11 +224,12 @@ class Partition:
         if rows.min() < 0 or rows.max() >= self.n:
             bad = rows[(rows < 0) | (rows >= self.n)]
         else:
-            bad = rows[self.state[rows] < INFLIGHT]
+            st = self.state[rows]
+            bad = rows[(st < INFLIGHT) | (st == LOST)]
         if len(bad):
             raise ValueError(
                 f"cannot {action} rows {bad[:8].tolist()} of partition {self.pid!r}: they are "
-                f"not rows in flight or committed (pending slots, dropped or unknown rows)"
+                f"not rows in flight or committed (pending slots, dropped, lost or unknown rows)"
             )
         distinct = len(set(rows.tolist())) if len(rows) < 256 else len(np.unique(rows))
         if distinct != len(rows):
@@ -232,9 +273,24 @@ class Partition:
         self.lwm[task] = self.first_unconsumed(task)
 
     def drop(self, rows: np.ndarray) -> None:
-        """Rows become dead: bits, tags and keys go; row ids are never reused."""
-        self.n_pending -= int(np.count_nonzero(self.state[rows] == PENDING))
+        """Rows become dead: bits, tags and keys go. A row that never held bytes is
+        reusable at once; others after :meth:`recycle` (their bytes are gone)."""
+        self.forget(rows)
         self.state[rows] = DEAD
+        self.recycle(rows[self.unit[rows] == NO_UNIT])
+
+    def to_pending(self, rows: np.ndarray) -> None:
+        """In-flight ``rows`` whose bytes are gone become pending slots again."""
+        self.forget(rows)
+        self.state[rows] = PENDING
+        self.unit[rows] = NO_UNIT
+        self.n_pending += len(rows)
+        if len(rows):
+            self.pending_lo = min(self.pending_lo, int(rows.min()))
+
+    def forget(self, rows: np.ndarray) -> None:
+        """Clear the bits, tags and keys of ``rows`` (their state is the caller's)."""
+        self.n_pending -= int(np.count_nonzero(self.state[rows] == PENDING))
         for a in (*self.prod.values(), *self.cons.values()):
             a[rows] = False
         for r in rows.tolist():

@@ -50,21 +50,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferqueue.controller.leases import PutLease, PutLeases, Release
 from transferqueue.controller.partition import (
     COMMITTED,
     DEAD,
     INFLIGHT,
+    LOST,
+    NO_UNIT,
     PENDING,
     FieldSpec,
     Partition,
     check_tags,
+    live_mask,
     rows_array,
 )
+from transferqueue.controller.placement import Capacity, Placement
 from transferqueue.controller.samplers import CONTEXT_KEYS, BaseSampler, resolve_sampler
 from transferqueue.errors import (
     ConfigError,
     PartitionNotFoundError,
     PartitionSealedError,
+    PutLeaseExpiredError,
+    RowsLostError,
     SamplerError,
     SchemaError,
 )
@@ -96,13 +103,26 @@ def parse_pre_allocate(value: str | int, name: str = "TQ_PRE_ALLOC_SAMPLE_NUM") 
 class ControllerState:
     """Every partition of one controller. See the module docstring for the rules."""
 
-    def __init__(self, *, default_expected_size: int = 0, sampler: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        default_expected_size: int = 0,
+        sampler: Any = None,
+        num_units: int = 1,
+        stripe_rows: int = 128,
+        capacity_bytes: int | None = None,
+        put_lease_s: float = 60.0,
+    ) -> None:
         if default_expected_size < 0:
             raise ValueError(f"default_expected_size must be >= 0, got {default_expected_size}")
         self.default_expected_size = default_expected_size
         self.sampler: BaseSampler = resolve_sampler(sampler)
         self._parts: dict[str, Partition] = {}
         self._generations = itertools.count(1)
+        self.placement = Placement(num_units, stripe_rows)
+        self.capacity = Capacity(capacity_bytes)
+        self.put_lease_s = put_lease_s
+        self.leases = PutLeases()
 
     # ------------------------------------------------------------ partitions
     def _get(self, pid: str) -> Partition:
@@ -119,6 +139,7 @@ class ControllerState:
             if not isinstance(pid, str) or not pid:
                 raise TypeError(f"partition_id must be a non-empty str, got {pid!r}")
             part = self._parts[pid] = Partition(pid, next(self._generations))
+            part.next_unit = self.placement.first_unit(pid)
             part.reserve(self.default_expected_size)
         return part
 
@@ -203,6 +224,8 @@ class ControllerState:
             )
         keys = self._check_keys(part, keys, n)
         rows = part.take_pending(n) if part.n_pending else np.zeros(0, dtype=np.int64)
+        if len(rows) < n and part.free:
+            rows = np.concatenate([rows, part.take_free(n - len(rows))])
         if len(rows) < n:
             rows = np.concatenate([rows, part.add_rows(n - len(rows), INFLIGHT)])
         out = rows.tolist()
@@ -216,6 +239,12 @@ class ControllerState:
         Returns the rows (in key order) and, per key, whether it was newly allocated."""
         part = self._ensure(pid)
         keys = list(keys)
+        lost = [part.keys[k] for k in keys if isinstance(k, str) and k in part.keys]
+        lost = [r for r in lost if part.state[r] == LOST]
+        if lost:  # a lost row's key starts afresh
+            arr = np.array(lost, dtype=np.int64)
+            part.unit[arr] = NO_UNIT
+            part.drop(arr)
         is_new = [not (isinstance(k, str) and k in part.keys) for k in keys]
         new_rows = iter(
             self.allocate(pid, sum(is_new), [k for k, m in zip(keys, is_new, strict=True) if m])
@@ -223,27 +252,26 @@ class ControllerState:
         rows = [next(new_rows) if m else part.keys[k] for k, m in zip(keys, is_new, strict=True)]
         return rows, is_new
 
-    def release(self, pid: str, rows: Sequence[int]) -> None:
-        """A failed write: in-flight rows inside the reservation become pending again, others
-        are dropped. Rows not in flight (committed, dropped, unknown) are left alone."""
+    def release(self, pid: str, rows: Sequence[int] | np.ndarray, slots: Any = None) -> None:
+        """A failed write: in-flight rows that were pending slots (``slots``; by default the
+        rows inside the reservation) become pending again, others are dropped. Rows not in
+        flight (committed, dropped, lost, unknown) are left alone."""
         part = self._parts.get(pid)
         if part is None:
             return
         arr = rows_array(rows)
         arr = np.unique(arr[(arr >= 0) & (arr < part.n)])
         arr = arr[part.state[arr] == INFLIGHT]
-        back = arr[arr < part.expected_size] if not part.sealed else arr[:0]
-        part.drop(arr[arr >= part.expected_size] if not part.sealed else arr)
-        if len(back):
-            part.drop(back)  # clears keys and tags, then back to pending
-            part.state[back] = PENDING
-            part.n_pending += len(back)
-            part.pending_lo = min(part.pending_lo, int(back[0]))
+        was_slot = arr < part.expected_size if slots is None else np.isin(arr, rows_array(slots))
+        if part.sealed:
+            was_slot[:] = False
+        part.drop(arr[~was_slot])
+        part.to_pending(arr[was_slot])
 
     def commit(
         self,
         pid: str,
-        rows: Sequence[int],
+        rows: Sequence[int] | np.ndarray,
         fields: Mapping[str, Any],
         tags: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> None:
@@ -270,6 +298,222 @@ class ControllerState:
             part.prod[name][arr] = True
         part.state[arr] = COMMITTED
         part.merge_tags(arr, checked)
+
+    # ------------------------------------------------------------ puts under a lease
+    def begin_put(
+        self,
+        pid: str,
+        specs: Mapping[str, Any],
+        *,
+        now: float,
+        n: int = 0,
+        rows: Sequence[int] | None = None,
+        keys: Sequence[str] | None = None,
+        tags: Sequence[Mapping[str, Any] | None] | None = None,
+        nbytes: int = 0,
+        client: str = "",
+    ) -> PutLease:
+        """Validate a put up front (specs, tags, keys, capacity) and give it rows under a
+        lease that ends at ``now + put_lease_s``: ``rows`` (existing rows), ``keys`` (their
+        rows, new keys allocated) or ``n`` new rows. Raises before anything changes."""
+        checked = self._check_specs(pid, specs)
+        count = len(rows) if rows is not None else len(keys) if keys is not None else n
+        checked_tags = check_tags(tags, count) if tags is not None else None
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+        self.capacity.check(nbytes)
+        if rows is not None:
+            part = self._get(pid)
+            got = rows_array(rows)
+            part.check_rows(got, "write")
+            fresh = slots = got[:0]
+        else:
+            part = self._ensure(pid)
+            pending_before = part.state[: part.n] == PENDING
+            if keys is not None:
+                got_list, is_new = self.upsert_keys(pid, keys)
+                got = np.array(got_list, dtype=np.int64)
+                fresh = got[np.array(is_new, dtype=bool)] if len(got) else got
+            else:
+                got = fresh = np.array(self.allocate(pid, n), dtype=np.int64)
+            was_pending = fresh < len(pending_before)
+            was_pending[was_pending] = pending_before[fresh[was_pending]]
+            slots = fresh[was_pending]
+        if len(fresh):
+            units, part.next_unit = self.placement.assign(part.next_unit, len(fresh))
+            part.unit[fresh] = units
+        lease = PutLease(
+            lease=self.leases.new_id(),
+            pid=pid,
+            generation=part.generation,
+            rows=got,
+            fresh=fresh,
+            slots=slots,
+            units=part.unit[got].astype(np.int64),
+            specs=checked,
+            tags=checked_tags,
+            nbytes=nbytes,
+            deadline=now + self.put_lease_s,
+            client=client,
+        )
+        self.capacity.reserve(nbytes)
+        self.leases.add(lease)
+        return lease
+
+    def _check_specs(self, pid: str, specs: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        """Field specs of a put, checked against what the partition holds."""
+        if not isinstance(specs, Mapping):
+            raise TypeError(f"field specs must be a dict of name -> spec, got {specs!r}")
+        part = self._parts.get(pid)
+        out = {}
+        for name, raw in specs.items():
+            if not isinstance(name, str):
+                raise TypeError(f"field names must be str, got {name!r}")
+            spec = out[name] = FieldSpec.from_plain(raw)
+            old = part.specs.get(name) if part is not None else None
+            if old is not None and old != spec:
+                raise SchemaError(
+                    f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
+                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
+                )
+        return out
+
+    def _live_lease(self, lease_id: int) -> PutLease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise PutLeaseExpiredError(
+                f"put lease {lease_id} has ended (it expired after controller.put_lease_s = "
+                f"{self.put_lease_s} s, or was aborted): its rows were released; put again"
+            )
+        return lease
+
+    def commit_put(self, lease_id: int, net_bytes: int = 0) -> BatchMeta:
+        """Publish the rows of a live lease: fields and tags become visible in one step.
+        On error nothing is published and the lease stays (the caller releases it)."""
+        lease = self._live_lease(lease_id)
+        part = self._parts.get(lease.pid)
+        if part is None or part.generation != lease.generation:
+            raise PartitionNotFoundError(
+                f"partition {lease.pid!r} was cleared while the put was writing"
+            )
+        st = part.state[lease.rows]
+        if (st == LOST).any():
+            lost = lease.rows[st == LOST].tolist()
+            raise RowsLostError(
+                f"rows {lost[:16]} of partition {lease.pid!r} were lost while the put was "
+                f"writing (their storage unit died); put them again"
+            )
+        self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
+        self.leases.pop(lease_id)
+        self.capacity.settle(lease.nbytes, net_bytes)
+        return self.meta_of(lease.pid, lease.rows, list(lease.specs))
+
+    def end_lease(self, lease_id: int, reason: str = "aborted") -> Release | None:
+        """End a live lease without publishing; ``None`` if it already ended (a commit
+        whose reply was lost stays committed). Its fresh rows stay in flight until
+        :meth:`finish_release`, after their bytes are cleared from the units."""
+        lease = self.leases.pop(lease_id)
+        return None if lease is None else self._release_of(lease, reason)
+
+    def _release_of(self, lease: PutLease, reason: str) -> Release:
+        self.capacity.settle(lease.nbytes, 0)
+        fresh = np.isin(lease.rows, lease.fresh)
+        rows, units = lease.rows[fresh], lease.units[fresh]
+        part = self._parts.get(lease.pid)
+        if part is not None and part.generation == lease.generation and len(rows):
+            mine = part.state[rows] == INFLIGHT  # not cleared or lost meanwhile
+            rows, units = rows[mine], units[mine]
+        elif part is not None:  # cleared and created again: these row ids may be reused
+            rows, units = rows[:0], units[:0]
+        return Release(lease.pid, lease.generation, rows, units, lease.slots, reason)
+
+    def expire(self, now: float) -> list[Release]:
+        """End every lease whose deadline passed."""
+        return [self._release_of(lease, "expired") for lease in self.leases.expired(now)]
+
+    def finish_release(self, rel: Release) -> list[int]:
+        """The bytes of ``rel`` are gone: slots go back to pending, other rows are dropped
+        (reusable). Returns the rows released."""
+        part = self._parts.get(rel.pid)
+        if part is None or part.generation != rel.generation or not len(rel.rows):
+            return []
+        rows = rel.rows[part.state[rel.rows] == INFLIGHT]
+        part.unit[rows] = NO_UNIT
+        self.release(rel.pid, rows, rel.slots)
+        return rows.tolist()
+
+    # ------------------------------------------------------------ bytes on units
+    def drop_rows(self, pid: str, rows: Sequence[int]) -> dict[int, list[int]]:
+        """Drop ``rows`` (as :meth:`clear_samples`); returns ``{unit: rows}`` whose bytes
+        must be cleared before the rows are :meth:`recycle`-d."""
+        part = self._parts.get(pid)
+        if part is None:
+            return {}
+        arr = rows_array(rows)
+        arr = np.unique(arr[(arr >= 0) & (arr < part.n)])
+        lost = arr[part.state[arr] == LOST]
+        part.unit[lost] = NO_UNIT  # their bytes died with their unit
+        part.drop(arr)
+        held = arr[(part.state[arr] == DEAD) & (part.unit[arr] >= 0)]
+        out: dict[int, list[int]] = {}
+        for r, u in zip(held.tolist(), part.unit[held].tolist()):
+            out.setdefault(int(u), []).append(r)
+        return out
+
+    def recycle(self, pid: str, generation: int, rows: Sequence[int]) -> None:
+        """The bytes of dropped ``rows`` are gone from the units: the rows may be reused."""
+        part = self._parts.get(pid)
+        if part is not None and part.generation == generation:
+            part.recycle(rows_array(rows))
+
+    def mark_unit_dead(self, unit: int) -> dict[str, int]:
+        """Storage unit ``unit`` died: rows whose bytes lived there are lost (counted in
+        ``partition_info``, no longer ready, not waited for); it gets no new rows.
+        Returns the rows lost per partition."""
+        if unit in self.placement.dead or not 0 <= unit < self.placement.num_units:
+            return {}
+        self.placement.dead.add(unit)
+        out = {}
+        for part in self._parts.values():
+            on_unit = part.unit[: part.n] == unit
+            st = part.state[: part.n]
+            lost = np.flatnonzero(on_unit & ((st == INFLIGHT) | (st == COMMITTED)))
+            gone = np.flatnonzero(on_unit & (st == DEAD))
+            part.unit[gone] = NO_UNIT
+            part.recycle(gone)
+            if len(lost):
+                part.state[lost] = LOST
+                for bits in (*part.prod.values(), *part.cons.values()):
+                    bits[lost] = False  # counts are of live rows
+                out[part.pid] = len(lost)
+        return out
+
+    def locate(self, pid: str, rows: Sequence[int]) -> list[int]:
+        """The unit holding each of ``rows`` (for a BatchMeta built without placement).
+        Raises :class:`RowsLostError` for lost rows, ``ValueError`` for rows without bytes."""
+        part = self._get(pid)
+        arr = rows_array(rows)
+        if len(arr) and (arr.min() < 0 or arr.max() >= part.n):
+            raise ValueError(f"rows {arr.tolist()[:16]} are not rows of partition {pid!r}")
+        st = part.state[arr]
+        if (st == LOST).any():
+            raise self.lost_error(pid, arr[st == LOST].tolist())
+        units = part.unit[arr]
+        if (units < 0).any():
+            bad = arr[units < 0].tolist()
+            raise ValueError(
+                f"rows {bad[:16]} of partition {pid!r} hold no data (pending, dropped or unknown)"
+            )
+        return units.astype(np.int64).tolist()
+
+    @staticmethod
+    def lost_error(pid: str, rows: Sequence[int]) -> RowsLostError:
+        return RowsLostError(
+            f"rows {list(rows)[:32]} of partition {pid!r} are lost: the storage unit that held "
+            f"their bytes died; clear them and put them again",
+            pid,
+            list(rows),
+        )
 
     def set_tags(self, pid: str, rows: Sequence[int], tags: Sequence[Mapping[str, Any]]) -> None:
         """Merge ``tags`` (one dict per row) into the tags of ``rows``."""
@@ -318,7 +562,9 @@ class ControllerState:
         if not len(picked):
             return BatchMeta.empty(pid, fields) if final else None
         rows = picked.tolist()
-        return BatchMeta(pid, rows, fields, [part.tags[r] or {} for r in rows])
+        return BatchMeta(
+            pid, rows, fields, [part.tags[r] or {} for r in rows], part.unit[picked].tolist()
+        )
 
     def _ready(
         self, part: Partition, task: str, fields: list[str], limit: int | None
@@ -332,7 +578,7 @@ class ControllerState:
         if not (reached_end and len(rows) <= k and part.bounded):
             return rows[: len(rows) if limit is None else limit].tolist(), False
         # every unconsumed live row in [start, n) must be among the ready ones
-        unconsumed = part.state[start : part.n] != DEAD
+        unconsumed = live_mask(part.state[start : part.n])
         unconsumed &= ~part.task(task)[start : part.n]
         return rows.tolist(), int(np.count_nonzero(unconsumed)) == len(rows)
 
@@ -344,11 +590,17 @@ class ControllerState:
         if arr.ndim != 1:
             raise SamplerError(f"sampler must return a flat list of rows, got {rows!r}")
         if len(arr) < 64:  # cheaper in Python than three numpy reductions
-            ok = all(0 <= r < part.n and part.state[r] != DEAD for r in arr.tolist())
+            ok = all(
+                0 <= r < part.n and PENDING <= part.state[r] <= COMMITTED for r in arr.tolist()
+            )
         else:
-            ok = arr.min() >= 0 and arr.max() < part.n and bool(part.state[arr].all())
+            ok = arr.min() >= 0 and arr.max() < part.n and bool(live_mask(part.state[arr]).all())
         if not ok:
-            bad = [r for r in arr.tolist() if not (0 <= r < part.n and part.state[r] != DEAD)]
+            bad = [
+                r
+                for r in arr.tolist()
+                if not (0 <= r < part.n and PENDING <= part.state[r] <= COMMITTED)
+            ]
             raise SamplerError(f"sampler returned rows that do not exist: {bad[:8]}")
         return arr
 
@@ -357,14 +609,18 @@ class ControllerState:
         Raises ``PartitionNotFoundError`` or ``ValueError``."""
         self._get(pid).check_rows(rows_array(rows), "write")
 
-    def meta_of(self, pid: str, rows: Sequence[int], fields: Sequence[str]) -> BatchMeta:
+    def meta_of(
+        self, pid: str, rows: Sequence[int] | np.ndarray, fields: Sequence[str]
+    ) -> BatchMeta:
         """A :class:`BatchMeta` of ``rows`` (in that order) with their current tags."""
         part = self._get(pid)
         arr = rows_array(rows)
         part.check_rows(arr, "describe")
+        rows_list = arr.tolist()
         return BatchMeta(
-            pid, arr.tolist(), list(fields), [part.tags[r] or {} for r in arr.tolist()]
-        )
+            pid, rows_list, list(fields), [part.tags[r] or {} for r in rows_list],
+            part.unit[arr].tolist(),
+        )  # fmt: skip
 
     def common_fields(self, pid: str, rows: Sequence[int]) -> list[str]:
         """The fields (in registration order) that every one of ``rows`` has."""
@@ -417,6 +673,8 @@ class ControllerState:
             sealed=part.sealed,
             produced={f: int(np.count_nonzero(a[:n])) for f, a in part.prod.items()},
             consumed={t: int(np.count_nonzero(a[:n])) for t, a in part.cons.items()},
+            in_flight=self.leases.in_flight(pid),
+            lost=int(np.count_nonzero(part.state[:n] == LOST)),
         )
 
     def field_specs(self, pid: str) -> dict[str, FieldSpec]:
@@ -435,6 +693,15 @@ class ControllerState:
         if missing:
             raise KeyError(f"keys not found in partition {pid!r}: {missing}")
         return [part.keys[k] for k in keys]
+
+    def rows_of_present_keys(self, pid: str, keys: Sequence[str]) -> list[int]:
+        """The rows of those ``keys`` that exist ([] for an unknown partition)."""
+        if isinstance(keys, str):
+            raise TypeError("keys must be a list of str, got one str")
+        part = self._parts.get(pid)
+        if part is None:
+            return []
+        return [part.keys[k] for k in keys if k in part.keys]
 
     def kv_list(self, pid: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         """``{partition: {key: tags}}`` for one partition (``{}`` if unknown) or all."""

@@ -1,8 +1,8 @@
-"""Which storage unit holds a row: rows of a partition are striped across the units in blocks.
+"""Moving a batch's rows to and from the storage units that hold them.
 
-``unit = (crc32(partition_id) + row // stripe) % num_units`` with ``stripe`` rows per block
-(config ``storage.stripe_rows``, default 128) -- stable across processes and runs (no salted
-``hash()``); the partition offset keeps small partitions from all starting on unit 0.
+The controller places rows (:mod:`transferqueue.controller.placement`): a put's rows go to
+the units in blocks of ``stripe`` consecutive batch positions (config
+``storage.stripe_rows``, default 128), and every BatchMeta names the unit of each row.
 
 Blocks, not single rows: a unit's share of a batch of consecutive rows is a few runs of
 ``stripe`` consecutive batch positions, so :func:`take` hands each unit *views* of the
@@ -10,7 +10,7 @@ caller's tensors (``{"pieces": [...]}``, one piece per run, sent zero-copy) inst
 gathered copy, :func:`assemble` merges answers with one slice copy per run, and a small batch
 (a micro-batch of up to ``stripe`` rows) is served by one or two units instead of all.
 
-The client splits a batch with :func:`split_rows`, slices each column for a unit with
+The client splits a batch with :func:`group_by_unit`, slices each column for a unit with
 :func:`take`, and puts the units' answers back in batch order with :func:`assemble` --
 vectorised (no Python loop over rows for dense and jagged columns) from ``SMALL`` rows on;
 shorter batches take plain-Python paths (a torch call costs 5-10 us, a row a few ns).
@@ -21,16 +21,15 @@ from __future__ import annotations
 import math
 import os
 import threading
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
 from transferqueue import memory
-from transferqueue.errors import ConfigError, SchemaError
+from transferqueue.errors import SchemaError
 from transferqueue.storage._arena import gather_jagged, is_range, offsets_of, word_rows
-from transferqueue.storage._field import MAX_ROW, as_rows
+from transferqueue.storage._field import as_rows
 from transferqueue.storage._pool import BufferPool
 
 #: batches of fewer rows take plain-Python paths: a torch op costs 5-10 us, a row a few ns
@@ -51,94 +50,44 @@ _INDEXABLE = {
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
 }  # fmt: skip
 
-__all__ = [
-    "STRIPE_ROWS",
-    "assemble",
-    "partition_offset",
-    "runs",
-    "split_rows",
-    "take",
-    "unit_for_row",
-    "units_for_rows",
-]
+__all__ = ["STRIPE_ROWS", "assemble", "group_by_unit", "runs", "take"]
 
 
-def partition_offset(partition_id: str) -> int:
-    """Stable offset of a partition's stripe (crc32 of its UTF-8 name)."""
-    return zlib.crc32(partition_id.encode("utf-8"))
+def group_by_unit(rows: Any, units: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Group a batch by the unit of each row: ``{unit: (positions, rows)}``.
 
-
-def _check_units(num_units: int, stripe: int = 1) -> None:
-    if not isinstance(num_units, int) or num_units < 1:
-        raise ConfigError(f"num_units must be an int >= 1, got {num_units!r}")
-    if not isinstance(stripe, int) or stripe < 1:
-        raise ConfigError(f"stripe_rows must be an int >= 1, got {stripe!r}")
-
-
-def unit_for_row(partition_id: str, row: int, num_units: int, stripe: int = STRIPE_ROWS) -> int:
-    """The unit that holds ``row`` of ``partition_id``."""
-    _check_units(num_units, stripe)
-    if row < 0:
-        raise SchemaError(f"row ids are >= 0, got {row}")
-    return (partition_offset(partition_id) + row // stripe) % num_units
-
-
-def units_for_rows(
-    partition_id: str, rows: Any, num_units: int, stripe: int = STRIPE_ROWS
-) -> torch.Tensor:
-    """``unit_for_row`` of every row, as an int64 tensor (vectorised)."""
-    _check_units(num_units, stripe)
-    t = as_rows(rows, unique=False)
-    return (t // stripe + partition_offset(partition_id) % num_units) % num_units
-
-
-def split_rows(
-    partition_id: str, rows: Any, num_units: int, stripe: int = STRIPE_ROWS
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Group a batch of rows by unit: ``{unit: (positions, rows)}``.
-
-    ``positions`` are the indices into ``rows`` (ascending, so each unit's rows keep batch
-    order) and ``rows`` the row ids, both int64 tensors; units with no rows are left out.
-    Reassemble a unit's answer in batch order with ``out[positions] = answer``.
+    ``units`` names the unit of each row (as the controller placed it). ``positions`` are
+    indices into the batch (ascending, so each unit's rows keep batch order) and ``rows``
+    the row ids, both int64 tensors. Reassemble with ``out[positions] = answer``.
     """
-    _check_units(num_units, stripe)
-    small = _split_small(partition_id, rows, num_units, stripe)
-    if small is not None:
-        return small
-    t = as_rows(rows, unique=False)
-    units = units_for_rows(partition_id, t, num_units, stripe)
-    if t.numel() == 0:
+    if len(rows) != len(units):
+        raise SchemaError(f"got {len(units)} units for {len(rows)} rows")
+    if not len(rows):
         return {}
-    if num_units == 1:
-        return {0: (torch.arange(t.numel()), t)}
-    order = torch.argsort(units, stable=True)
-    counts = torch.bincount(units, minlength=num_units).tolist()
-    return {unit: (pos, t[pos]) for unit, pos in enumerate(order.split(counts)) if pos.numel()}
+    if isinstance(rows, (list, tuple)) and len(rows) < SMALL:
+        groups: dict[int, list[int]] = {}
+        for i, u in enumerate(units):
+            groups.setdefault(int(u), []).append(i)
+        if len(groups) == 1:
+            ((unit, _),) = groups.items()
+            return {unit: (torch.arange(len(rows)), as_rows(list(rows), unique=False))}
+        return {
+            u: (_int64(pos), _int64([rows[i] for i in pos])) for u, pos in sorted(groups.items())
+        }
+    t = as_rows(rows, unique=False)
+    u_t = torch.as_tensor(np.asarray(units, dtype=np.int64))
+    if bool((u_t < 0).any()):
+        raise SchemaError("every row needs a unit >= 0")
+    found = torch.unique(u_t).tolist()
+    if len(found) == 1:
+        return {int(found[0]): (torch.arange(t.numel()), t)}
+    order = torch.argsort(u_t, stable=True)
+    counts = torch.bincount(u_t).tolist()
+    return {u: (pos, t[pos]) for u, pos in enumerate(order.split(counts)) if pos.numel()}
 
 
 def _int64(values: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.int64))  # 3x faster than torch.tensor
-
-
-def _split_small(
-    partition_id: str, rows: Any, num_units: int, stripe: int
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
-    """:func:`split_rows` of a short list of ints in plain Python; None for other input."""
-    if not isinstance(rows, (list, tuple)) or not rows or len(rows) >= SMALL:
-        return None
-    if not all(type(r) is int for r in rows) or min(rows) < 0 or max(rows) > MAX_ROW:
-        return None  # as_rows raises the right error, or converts numpy ints
-    if num_units == 1:
-        return {0: (torch.arange(len(rows)), _int64(list(rows)))}
-    off = partition_offset(partition_id) % num_units
-    groups: list[list[int]] = [[] for _ in range(num_units)]
-    for i, r in enumerate(rows):
-        groups[(r // stripe + off) % num_units].append(i)
-    return {
-        unit: (_int64(pos), _int64([rows[i] for i in pos]))
-        for unit, pos in enumerate(groups)
-        if pos
-    }
 
 
 def _jagged_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

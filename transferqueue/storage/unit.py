@@ -16,8 +16,9 @@ only (tensors, jagged nested tensors, lists, dicts, str, numbers, None, bytes).
   idempotent; return the bytes freed.
 * ``stats() -> dict``.
 
-``capacity_bytes`` bounds this unit alone: give each of ``k`` units ``storage.capacity_bytes
-// k`` (rows are striped evenly). The copy of a put runs on the event loop (memory bandwidth:
+``capacity_bytes`` bounds this unit alone. A system started by ``tq.init`` passes ``None``:
+``storage.capacity_bytes`` is a system-wide bound, kept by the controller when it admits a
+put (:mod:`transferqueue.controller.placement`). The copy of a put runs on the event loop (memory bandwidth:
 about 10 ms for 128 MiB on a 16-core host, page faults included): simpler than a thread, and
 it keeps the store single-threaded.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -143,10 +145,16 @@ class StorageUnit:
             async with self._space:
                 self._space.notify_all()
 
+    async def watch(self) -> None:
+        """Never returns while the unit lives: the controller holds one such call per unit,
+        and its failure with ``ActorDiedError`` tells the controller the unit died."""
+        await asyncio.Event().wait()
+
     async def stats(self) -> dict[str, Any]:
         """Bytes used and capacity, waiting puts, and per-partition rows/fields/bytes."""
         return {
             "unit_id": self.unit_id,
+            "pid": os.getpid(),
             "num_units": self.num_units,
             "nbytes": self._store.nbytes,
             "capacity_bytes": self._store.capacity_bytes,

@@ -346,10 +346,21 @@ def time_left(deadline: float | None) -> float | None:
 # ------------------------------------------------------------------------ errors on the wire
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain_arg(value: Any) -> bool:
+    """An exception argument that travels as it is: a scalar, or a list of scalars (e.g.
+    the rows a :class:`~transferqueue.errors.RowsLostError` names)."""
+    if isinstance(value, list):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
+
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     """An exception as plain data (codec-safe)."""
     cls = type(exc)
-    args = [a for a in exc.args if isinstance(a, (str, int, float, bool, type(None)))]
+    args = [a for a in exc.args if _plain_arg(a)]
     if len(args) != len(exc.args):
         args = [str(exc)]
     if isinstance(exc, errors.RemoteError):

@@ -1,0 +1,49 @@
+"""Processes the fault tests start and kill (importable by spawned children).
+
+Each one reports through a multiprocessing Connection when it reached the point where the
+test kills it, then waits for its end without sleeping (an Event nobody sets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+import transferqueue as tq
+
+
+def producer_stopped_at(config: Any, pid: str, stage: str, conn: Connection) -> None:
+    """Put one row; at ``stage`` ("begun": rows allocated, "written": bytes on the units,
+    not committed) report and wait to be killed."""
+    tq.init(config)
+    client = tq.get_client()
+
+    async def hook(point: str) -> None:
+        if point == stage:
+            conn.send(point)
+            await asyncio.Event().wait()
+
+    client.async_client.put_hook = hook
+    client.put({"x": torch.full((1, 4), 7.0)}, partition_id=pid)
+
+
+def consumer_holding_a_batch(config: Any, pid: str, conn: Connection) -> None:
+    """Take one batch of two rows, report its rows, wait to be killed."""
+    tq.init(config)
+    meta = tq.get_client().get_meta(["x"], 2, pid, "train")
+    conn.send(meta.rows)
+    conn.recv()  # never sent: killed here
+
+
+def waiter(config: Any, pid: str, conn: Connection) -> None:
+    """Wait for rows that never come; report the error the wait ends with."""
+    tq.init(config)
+    conn.send("waiting")
+    try:
+        tq.get_client().get_meta(["x"], 1, pid, "train", timeout=None)
+        conn.send("returned")
+    except Exception as exc:
+        conn.send(type(exc).__name__)
