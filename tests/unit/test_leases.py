@@ -129,7 +129,9 @@ def test_a_reused_row_below_a_task_mark_is_found_by_that_task() -> None:
     first = state.begin_put("p", {"x": F32}, now=0, n=4)
     state.commit_put(first.lease)
     assert state.get_meta("p", "t", ["x"], 4).rows == [0, 1, 2, 3]  # type: ignore[union-attr]
-    state.recycle("p", state.generation("p"), [r for rows in state.drop_rows("p", [1]).values() for r in rows])
+    state.recycle(
+        "p", state.generation("p"), [r for rows in state.drop_rows("p", [1]).values() for r in rows]
+    )
     again = state.begin_put("p", {"x": F32}, now=0, n=1)
     assert again.rows.tolist() == [1]
     state.commit_put(again.lease)
