@@ -4,6 +4,7 @@ transport; worker processes on zmq and ray."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import random
 import threading
@@ -407,3 +408,21 @@ async def test_seqlen_balanced_ranks_share_every_global_batch(ranked_system, pid
         step = set(a) | set(b)
         assert all((r ^ 1) in step for r in step)  # whole uid groups per global batch
     assert sorted(r for v in seen.values() for b in v for r in b) == list(range(n))
+
+
+def test_a_stream_closed_on_the_loop_thread_logs_its_failure(caplog) -> None:
+    from transferqueue.loop import runtime_loop
+    from transferqueue.streaming import _finish
+
+    async def failing_close() -> None:
+        raise RuntimeError("could not close")
+
+    async def on_the_loop() -> None:  # as when the garbage collector finalises it there
+        task = _finish(runtime_loop(), failing_close())
+        assert task is not None
+        with contextlib.suppress(RuntimeError):
+            await task
+
+    with caplog.at_level("WARNING", logger="transferqueue.loop"):
+        runtime_loop().run(on_the_loop())
+    assert "closing a stream failed: could not close" in caplog.text

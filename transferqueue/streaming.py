@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from transferqueue.config import Config, load_config
 from transferqueue.errors import ConfigError, NotInitializedError, TransportUnavailableError
-from transferqueue.loop import LoopThread, runtime_loop
+from transferqueue.loop import LoopThread, background, runtime_loop
 from transferqueue.metadata import BatchMeta
 
 if TYPE_CHECKING:
@@ -218,11 +218,12 @@ async def _aclose(agen: AsyncGenerator[Any, None], owned: System | None) -> None
             await owned.aclose()
 
 
-def _finish(loop: LoopThread, coro: Coroutine[Any, Any, None]) -> None:
+def _finish(loop: LoopThread, coro: Coroutine[Any, Any, None]) -> asyncio.Future[Any] | None:
     if loop.in_loop_thread():  # finalised by the garbage collector on the loop itself
-        loop.submit(coro)
-    else:
-        loop.run(coro)
+        # kept alive until done, and a failure is logged rather than lost
+        return background(coro, "closing a stream")
+    loop.run(coro)
+    return None
 
 
 def _captured_config(config: Config | Mapping[str, Any] | str | None) -> Config:
