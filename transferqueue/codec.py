@@ -27,6 +27,7 @@ device). Anything else raises ``TypeError`` naming the type and where it sits, e
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -36,6 +37,20 @@ from typing import Any
 import msgpack
 import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
+
+#: torch 2.13's ``torch.nested.nested_tensor_from_jagged`` (which decoding jagged fields and
+#: splitting jagged batches call) calls the deprecated ``torch.fx.is_fx_tracing``, which logs
+#: this once per process through logger ``torch.fx._symbolic_trace`` (not a Python warning).
+#: It is about torch internals we use, not about the user's code: every process that loads
+#: the codec (clients and actor processes alike) drops exactly this record.
+FX_TRACING_NOTICE = "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"
+
+
+def _not_fx_tracing_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(FX_TRACING_NOTICE)
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_not_fx_tracing_notice)
 
 __all__ = ["decode", "encode", "register_type"]
 

@@ -18,7 +18,6 @@ verification line: every row consumed exactly once per task, with matching check
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import statistics
 import sys
@@ -317,21 +316,9 @@ def _config(transport: str) -> dict[str, Any]:
     return config
 
 
-#: torch 2.13's ``torch.nested.nested_tensor_from_jagged`` calls the deprecated
-#: ``torch.fx.is_fx_tracing``, which logs this once per process (a ``logging`` record from
-#: logger ``torch.fx._symbolic_trace``, not a Python warning) the first time the demo's
-#: jagged responses are decoded or split; it is about torch internals, not about the demo
-FX_TRACING_NOTICE = "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"
-
-
-def _not_fx_tracing_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(FX_TRACING_NOTICE)
-
-
 def run(args: argparse.Namespace) -> int:
     import transferqueue as tq
 
-    logging.getLogger("torch.fx._symbolic_trace").addFilter(_not_fx_tracing_notice)
     plan = Plan(args.steps, args.global_batch_size, args.producers, args.seed)
     tq.init(_config(args.transport))
     try:
