@@ -77,9 +77,12 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     units: int = 2
-    #: bound on stored data bytes, summed over all units (each unit gets an equal share)
+    #: bound on the stored data bytes of the whole system (all units together), kept by the
+    #: controller when it admits a put; each unit's pool of dropped buffers comes on top
+    #: (at most max(256 MiB, the bytes the unit stores) per unit)
     capacity_bytes: int | None = None
-    #: wait for space (woken by clears) instead of raising StorageFullError
+    #: a put that does not fit waits for space (woken by clears and released puts) instead
+    #: of raising StorageFullError
     block_when_full: bool = False
     #: rows per stripe block: rows ``[b*s, (b+1)*s)`` live on one unit, blocks go round the
     #: units. Big puts and gets still use every unit; a micro-batch of up to ``s`` rows
