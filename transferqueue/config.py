@@ -92,6 +92,26 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (opt-in; needs the ``transferqueue[metrics]`` extra). The process
+    that starts the system (``tq.init``) serves one scrape endpoint for the whole system and
+    asks the actors for their figures on each scrape (docs/operability.md)."""
+
+    #: port of the ``/metrics`` endpoint: None (the default) serves none; 0 lets the OS pick
+    #: one (the bound URL is logged and in ``tq.status()["metrics_url"]``)
+    port: int | None = None
+    #: interface the endpoint binds to; loopback unless you configure otherwise
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        port = self.port
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+        ):
+            raise ConfigError(f"metrics.port must be None or an int in [0, 65535]; got {port!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     transport: str = "inproc"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -99,6 +119,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: filled in by ``tq.init``: where the running system is (pass the returned config to
     #: ``tq.init`` in another process to attach to it)
     system: Mapping[str, Any] | None = None

@@ -13,6 +13,9 @@ error (:func:`error_to_wire`).
   executed; a handler still running at its deadline is cancelled. Both answer
   ``TimeoutError``. :func:`current_deadline` tells a handler the deadline of its request.
   A request for method :data:`CANCEL` cancels the running requests that carry its token.
+  A request for method :data:`STATS` answers the dispatcher's request counters
+  (:class:`RequestStats`): calls, errors by type, in flight and a latency histogram per
+  method. Every actor on every transport answers it; it changes nothing.
 * Client side, :class:`Calls` numbers requests and matches replies to them by id; a reply
   whose body does not decode fails that one call with :class:`~transferqueue.errors.ProtocolError`.
 
@@ -22,11 +25,13 @@ Nothing here opens a socket; ``tests/unit/test_protocol.py`` drives it with in-m
 from __future__ import annotations
 
 import asyncio
+import bisect
 import builtins
 import contextvars
 import inspect
 import itertools
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +46,13 @@ log = logging.getLogger("transferqueue.protocol")
 
 #: the method of a request that cancels the running requests carrying its token
 CANCEL = "__cancel__"
+#: the method of a built-in request every actor answers with :meth:`RequestStats.snapshot`
+STATS = "__stats__"
+#: upper bounds (seconds) of the request latency histogram's buckets (one more: +Inf):
+#: 100 us to about 3.5 min, doubling
+LATENCY_BOUNDS: tuple[float, ...] = tuple(1e-4 * 2**k for k in range(22))
+#: the method name requests for a method the actor does not have are counted under
+UNKNOWN_METHOD = "?"
 _TRAVELLING_BUILTINS = ("ValueError", "TypeError", "KeyError", "TimeoutError")
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "transferqueue_deadline", default=None
@@ -130,6 +142,75 @@ def decode_reply(frames: Sequence[Any]) -> tuple[int | None, Any, BaseException 
 # ------------------------------------------------------------------------ server side
 
 
+class _MethodStats:
+    __slots__ = ("buckets", "calls", "errors", "in_flight", "seconds")
+
+    def __init__(self) -> None:
+        self.calls = 0  # requests finished, failed ones included
+        self.in_flight = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.errors: dict[str, int] = {}
+
+
+class RequestStats:
+    """The request counters of one :class:`Dispatcher`, cumulative since it started: per
+    method the requests finished, in flight, failed (by exception type) and a latency
+    histogram (:data:`LATENCY_BOUNDS`). Rates and windowed quantiles come from the difference
+    of two snapshots."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self._methods: dict[str, _MethodStats] = {}
+
+    def _of(self, method: str) -> _MethodStats:
+        stats = self._methods.get(method)
+        if stats is None:
+            stats = self._methods[method] = _MethodStats()
+        return stats
+
+    def begin(self, method: str) -> _MethodStats:
+        stats = self._of(method)
+        stats.in_flight += 1
+        return stats
+
+    def end(self, stats: _MethodStats, seconds: float, error: BaseException | None) -> None:
+        stats.in_flight -= 1
+        stats.calls += 1
+        stats.seconds += seconds
+        stats.buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        if error is not None:
+            name = type(error).__name__
+            stats.errors[name] = stats.errors.get(name, 0) + 1
+
+    def refused(self, method: str, error: BaseException) -> None:
+        """A request answered with ``error`` before its method ran (it did not decode)."""
+        self.end(self.begin(method), 0.0, error)
+
+    def snapshot(self, actor: str) -> dict[str, Any]:
+        """Plain data (codec-safe): ``{"actor", "pid", "started", "time", "bounds",
+        "methods": {method: {"calls", "in_flight", "seconds", "buckets", "errors": {type:
+        n}}}}``; ``buckets[i]`` counts requests that took at most ``bounds[i]`` seconds and
+        more than ``bounds[i-1]`` (the last one: more than ``bounds[-1]``)."""
+        return {
+            "actor": actor,
+            "pid": os.getpid(),
+            "started": self.started,
+            "time": time.time(),
+            "bounds": list(LATENCY_BOUNDS),
+            "methods": {
+                name: {
+                    "calls": m.calls,
+                    "in_flight": m.in_flight,
+                    "seconds": m.seconds,
+                    "buckets": list(m.buckets),
+                    "errors": dict(m.errors),
+                }
+                for name, m in self._methods.items()
+            },
+        }
+
+
 class Dispatcher:
     """Server side: turns requests into method calls on the actor, and every outcome into
     a reply."""
@@ -145,20 +226,28 @@ class Dispatcher:
             and name not in ("on_start", "on_stop")
         }
         self._running: dict[int, list[Callable[[str], None]]] = {}
+        self.stats = RequestStats()
 
     async def serve(self, frames: Sequence[Any]) -> list[Any]:
         """The reply frames to request ``frames``. Never raises (but may be cancelled)."""
         try:
             envelope = Envelope.decode(frames[0]) if frames else None
         except errors.ProtocolError as exc:
+            self.stats.refused(UNKNOWN_METHOD, exc)
             return encode_reply(None, False, exc)
         if envelope is None:
-            return encode_reply(None, False, errors.ProtocolError("an empty request"))
+            empty = errors.ProtocolError("an empty request")
+            self.stats.refused(UNKNOWN_METHOD, empty)
+            return encode_reply(None, False, empty)
         if envelope.method == CANCEL:
             self.cancel(envelope.token)
             return encode_reply(envelope.id, True, None)
         try:
             args, kwargs = self._body(envelope, frames[1:])
+        except errors.ProtocolError as exc:
+            self.stats.refused(self._counted_as(envelope.method), exc)
+            return encode_reply(envelope.id, False, exc)
+        try:
             return encode_reply(envelope.id, True, await self.run(envelope, args, kwargs))
         except Exception as exc:
             return encode_reply(envelope.id, False, exc)
@@ -175,8 +264,27 @@ class Dispatcher:
             ) from None
         return list(args), kwargs
 
+    def _counted_as(self, method: str) -> str:
+        # only the actor's own methods get counters of their own: the set stays bounded
+        return method if method in self._methods else UNKNOWN_METHOD
+
     async def run(self, envelope: Envelope, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """Call the method of ``envelope`` within its deadline; raises what it raises."""
+        """Call the method of ``envelope`` within its deadline; raises what it raises. Every
+        call is counted in :attr:`stats` (a :data:`STATS` request, which answers them, is not)."""
+        if envelope.method == STATS:
+            return self.stats.snapshot(type(self.actor).__name__)
+        counter = self.stats.begin(self._counted_as(envelope.method))
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await self._run(envelope, args, kwargs)
+        except BaseException as exc:  # a cancelled call is counted too
+            error = exc
+            raise
+        finally:
+            self.stats.end(counter, time.perf_counter() - start, error)
+
+    async def _run(self, envelope: Envelope, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         fn = self._method(envelope.method)
         deadline = envelope.deadline
         left = None if deadline is None else deadline - self._clock()
