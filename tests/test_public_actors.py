@@ -210,7 +210,7 @@ SIGNATURES = {
     "**kwargs: 'Any') -> 'ActorHandle'",
     "connect": "(address: 'Address | str', *, config: 'Config | Mapping[str, Any] | None' = None)"
     " -> 'ActorRef'",
-    "run": "(awaitable: 'Coroutine[Any, Any, T]', timeout: 'float | None' = None) -> 'T'",
+    "run": "(awaitable: 'Awaitable[T]', timeout: 'float | None' = None) -> 'T'",
     "current_deadline": "() -> 'float | None'",
     "ActorRef.call": "(self, method: 'str', /, *args: 'Any', timeout: 'Any' = <DEFAULT>, "
     "**kwargs: 'Any') -> 'Any'",

@@ -26,7 +26,7 @@ This module is a thin layer over the runtime (:mod:`transferqueue.actor`,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -229,10 +229,11 @@ def connect(
     return ActorRef(address, load_config(config))
 
 
-def run(awaitable: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+def run(awaitable: Awaitable[T], timeout: float | None = None) -> T:
     """Run ``awaitable`` on the runtime's background event loop and block for its result:
     the synchronous way in, e.g. ``counter = run(spawn(Counter))`` then
-    ``run(counter.call("add", 1))``. Not from inside a coroutine on that loop."""
+    ``run(counter.call("add", 1))``. ``timeout`` bounds the wait (``TimeoutError``; the
+    awaitable is cancelled). Not from inside a coroutine on that loop (``RuntimeError``)."""
 
     async def wait() -> T:
         return await awaitable
