@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -250,3 +252,21 @@ def test_public_properties_do_not_change_by_accident() -> None:
         cls = getattr(public, cls_name)
         found = sorted(n for n, v in vars(cls).items() if isinstance(v, property))
         assert found == names, cls_name
+
+
+RUNTIME = {
+    "transferqueue.actor",
+    "transferqueue.config",
+    "transferqueue.errors",
+    "transferqueue.loop",
+    "transferqueue.transports",
+}
+
+
+def test_the_module_stands_on_the_runtime_only() -> None:
+    """Nothing of the domain (partitions, storage, clients) leaks into the public actor API."""
+    tree = ast.parse(Path(public.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    ours = {m for m in imported if m.split(".")[0] == "transferqueue"}
+    assert ours <= RUNTIME, ours - RUNTIME
