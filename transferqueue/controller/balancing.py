@@ -1,7 +1,11 @@
-"""Balanced partitioning of item weights into parts of (nearly) equal size.
+"""Balanced partitioning of item weights into parts of (nearly) equal size, and packing of
+items into bins under a budget.
 
 Used by :class:`~transferqueue.controller.samplers.SeqlenBalancedSampler` to split a global
-batch across data-parallel ranks so that every rank gets about the same number of tokens.
+batch across data-parallel ranks so that every rank gets about the same number of tokens,
+and by :class:`~transferqueue.controller.samplers.TokenBudgetSampler` to cut each rank's
+share into micro-batches under a token budget (:func:`pack_under_budget`) and to give every
+rank the same number of them (:func:`split_to_count`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import heapq
 import itertools
 from collections.abc import Sequence
 
-__all__ = ["balanced_partition"]
+__all__ = ["balanced_partition", "pack_under_budget", "split_to_count"]
 
 
 def _karmarkar_karp(values: Sequence[float], k: int) -> list[list[int]]:
@@ -146,3 +150,39 @@ def balanced_partition(values: Sequence[float], k: int) -> list[list[int]]:
         parts = _search(values, parts, budget=5_000)
     parts.sort(key=len, reverse=True)
     return parts
+
+
+def pack_under_budget(values: Sequence[float], budget: float) -> list[list[int]]:
+    """Item indices packed into bins whose sums stay at most ``budget`` (first-fit
+    decreasing); an item larger than ``budget`` gets a bin of its own. Each bin lists its
+    items in ascending order; bins are ordered by their first item. Deterministic."""
+    bins: list[list[int]] = []
+    sums: list[float] = []
+    for i in sorted(range(len(values)), key=lambda i: (-values[i], i)):
+        for b, total in enumerate(sums):
+            if total + values[i] <= budget:
+                bins[b].append(i)
+                sums[b] += values[i]
+                break
+        else:
+            bins.append([i])
+            sums.append(values[i])
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+
+
+def split_to_count(values: Sequence[float], bins: list[list[int]], count: int) -> list[list[int]]:
+    """``bins`` with the heaviest splittable bin (two items or more) cut into two balanced
+    halves until there are ``count`` bins; no bin's sum grows. ``ValueError`` when there are
+    fewer than ``count`` items. Bins stay ordered by their first item."""
+    if sum(map(len, bins)) < count:
+        raise ValueError(f"{sum(map(len, bins))} items cannot fill {count} bins")
+    out = [list(b) for b in bins]
+    while len(out) < count:
+        heaviest = max(
+            (b for b in range(len(out)) if len(out[b]) > 1),
+            key=lambda b: (sum(values[i] for i in out[b]), -out[b][0]),
+        )
+        items = out.pop(heaviest)
+        halves = balanced_partition([values[i] for i in items], 2)
+        out += [sorted(items[j] for j in half) for half in halves]
+    return sorted(out, key=lambda b: b[0])
