@@ -41,6 +41,7 @@ from transferqueue.kv import (
     kv_put,
 )
 from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.status import status
 from transferqueue.streaming import StreamingDataLoader, StreamingDataset
 from transferqueue.system import close, get_async_client, get_client, init
 
@@ -87,4 +88,5 @@ __all__ = [
     "kv_list",
     "kv_put",
     "load_config",
+    "status",
 ]

@@ -1,4 +1,4 @@
-"""``python -m transferqueue demo|bench|serve``."""
+"""``python -m transferqueue demo|bench|serve|status``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--units", type=int, help="number of storage units")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--protocol", choices=["tcp", "ipc"], help="zmq protocol (default tcp)")
+
+    status = sub.add_parser("status", help="watch a running system (read-only)")
+    from transferqueue.status import add_arguments as add_status_arguments
+
+    add_status_arguments(status)
     return parser
 
 
@@ -41,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transferqueue.bench import run_benchmarks
 
         return run_benchmarks(args.names, json_path=args.json, quick=args.quick)
+    if args.command == "status":
+        from transferqueue.status import run as run_status
+
+        return run_status(args)
     from transferqueue.serve import serve
 
     return serve(args)
