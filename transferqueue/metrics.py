@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from transferqueue.errors import ConfigError
 
 if TYPE_CHECKING:
+    from transferqueue.status import Watcher
     from transferqueue.system import System
-    from transferqueue.transports.base import ActorRef
 
 __all__ = ["MetricsServer", "ensure_started", "families", "start", "stop", "url_of"]
 
@@ -171,15 +171,14 @@ def _partition_families(raw: Mapping[str, Any]) -> Iterator[Any]:
 class _Collector:
     """A prometheus collector that asks the system's actors on every scrape."""
 
-    def __init__(self, controller: ActorRef) -> None:
-        self._controller = controller
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
 
     def collect(self) -> Iterator[Any]:
         from transferqueue.loop import runtime_loop
-        from transferqueue.status import collect
 
         try:
-            raw = runtime_loop().run(collect(self._controller), SCRAPE_TIMEOUT_S)
+            raw = runtime_loop().run(self._watcher.snapshot(), SCRAPE_TIMEOUT_S)
         except Exception as exc:  # the scrape says so (transferqueue_up 0); never raises
             log.warning("a metrics scrape could not reach the controller: %s", exc)
             raw = None
@@ -191,11 +190,11 @@ class MetricsServer:
 
     def __init__(self, system: System, port: int, host: str) -> None:
         prometheus = _import_prometheus()
-        from transferqueue.status import controller_of
+        from transferqueue.status import Watcher, controller_of
 
-        self._controller = controller_of(system)
+        self._watcher = Watcher(controller_of(system))
         self.registry = prometheus.CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self._controller))
+        self.registry.register(_Collector(self._watcher))
         self._server, self._thread = prometheus.start_http_server(
             port, addr=host, registry=self.registry
         )
@@ -217,7 +216,7 @@ class MetricsServer:
         from transferqueue.loop import runtime_loop
 
         with contextlib.suppress(Exception):  # the loop may be gone at interpreter exit
-            runtime_loop().run(self._controller.aclose(), 5)
+            runtime_loop().run(self._watcher.aclose(), 5)
 
 
 def start(system: System, port: int | None = None, host: str | None = None) -> MetricsServer:

@@ -51,10 +51,45 @@ async def _call(ref: ActorRef, method: str, *args: Any) -> Any:
 
 async def collect(controller: ActorRef, units: Sequence[ActorRef] | None = None) -> dict[str, Any]:
     """One raw snapshot of the system whose controller is ``controller`` (the units default
-    to those the controller names). Raises when the controller cannot be reached."""
+    to those the controller names, connected for this call). Raises when the controller
+    cannot be reached; a unit that cannot be is reported in the snapshot."""
     info = await controller.call("system_info", timeout=CALL_TIMEOUT_S)
-    if units is None:
-        units = [ActorRef(Address.from_plain(u), controller.config) for u in info.get("units", [])]
+    if units is not None:
+        return await _collect(controller, info, units)
+    refs = [ActorRef(Address.from_plain(u), controller.config) for u in info.get("units", [])]
+    try:
+        return await _collect(controller, info, refs)
+    finally:
+        await close_refs(refs)
+
+
+class Watcher:
+    """Snapshots of one system over connections it keeps between them (close it after)."""
+
+    def __init__(self, controller: ActorRef) -> None:
+        self.controller = controller
+        self._units: dict[tuple[Any, ...], ActorRef] = {}
+
+    def _unit(self, plain: Mapping[str, Any]) -> ActorRef:
+        key = tuple(sorted(plain.items()))
+        ref = self._units.get(key)
+        if ref is None:
+            ref = self._units[key] = ActorRef(Address.from_plain(plain), self.controller.config)
+        return ref
+
+    async def snapshot(self) -> dict[str, Any]:
+        info = await self.controller.call("system_info", timeout=CALL_TIMEOUT_S)
+        units = [self._unit(u) for u in info.get("units", [])]
+        return await _collect(self.controller, info, units)
+
+    async def aclose(self) -> None:
+        refs, self._units = [self.controller, *self._units.values()], {}
+        await close_refs(refs)
+
+
+async def _collect(
+    controller: ActorRef, info: Mapping[str, Any], units: Sequence[ActorRef]
+) -> dict[str, Any]:
     # the counters first: the snapshot's own calls are not in flight in them
     requests = await _call(controller, STATS)
     names = await controller.call("list_partitions", timeout=CALL_TIMEOUT_S)
@@ -246,15 +281,14 @@ def status(interval: float = 0.0) -> dict[str, Any]:
     from transferqueue.loop import runtime_loop
 
     current = tq_system.current()
-    controller = controller_of(current)
-    refs = [controller]
+    watcher = Watcher(controller_of(current))
     try:
-        before = runtime_loop().run(collect(controller)) if interval > 0 else None
+        before = runtime_loop().run(watcher.snapshot()) if interval > 0 else None
         if before is not None:
             time.sleep(interval)  # the measuring window, not a wait for anything
-        now = runtime_loop().run(collect(controller))
+        now = runtime_loop().run(watcher.snapshot())
     finally:
-        runtime_loop().run(close_refs(refs))
+        runtime_loop().run(watcher.aclose())
     out = report(now, before)
     from transferqueue import metrics
 
@@ -432,17 +466,17 @@ def run(args: Any) -> int:
 
     try:
         config = attach_config(args.target)
-        controller = controller_ref(config)
+        watcher = Watcher(controller_ref(config))
     except TransferQueueError as exc:
         print(f"python -m transferqueue status: error: {exc}", file=sys.stderr)
         return 2
     loop = runtime_loop()
     try:
         if args.once or args.json:
-            before = loop.run(collect(controller)) if args.interval > 0 else None
+            before = loop.run(watcher.snapshot()) if args.interval > 0 else None
             if before is not None:
                 time.sleep(args.interval)  # the window of the rates
-            data = report(loop.run(collect(controller)), before)
+            data = report(loop.run(watcher.snapshot()), before)
             if args.json:
                 print(json.dumps(data, indent=2, sort_keys=True), flush=True)
             else:
@@ -450,28 +484,27 @@ def run(args: Any) -> int:
 
                 Console().print(render(data))
             return 0
-        return _live(controller, max(args.interval, 0.1))
+        return _live(watcher, max(args.interval, 0.1))
     except KeyboardInterrupt:
         return 0
     except (TransferQueueError, TimeoutError, OSError) as exc:
         print(f"python -m transferqueue status: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        loop.run(close_refs([controller]))
+        loop.run(watcher.aclose())
 
 
-def _live(controller: ActorRef, interval: float) -> int:
+def _live(watcher: Watcher, interval: float) -> int:
     from rich.console import Console
     from rich.live import Live
 
     from transferqueue.loop import runtime_loop
 
     loop = runtime_loop()
-    before = loop.run(collect(controller))
-    console = Console()
-    with Live(render(report(before)), console=console, refresh_per_second=4) as live:
+    before = loop.run(watcher.snapshot())
+    with Live(render(report(before)), console=Console(), refresh_per_second=4) as live:
         while True:
             time.sleep(interval)  # the refresh period
-            now = loop.run(collect(controller))
+            now = loop.run(watcher.snapshot())
             live.update(render(report(now, before)))
             before = now
