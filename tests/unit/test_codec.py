@@ -605,7 +605,15 @@ def test_codec_imports_only_the_runtime() -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert imported <= {"__future__", "math", "threading", "warnings", "collections", "typing"} | {
+    assert imported <= {
+        "__future__",
+        "logging",
+        "math",
+        "threading",
+        "warnings",
+        "collections",
+        "typing",
+    } | {
         "msgpack",
         "torch",
         "tensordict",
