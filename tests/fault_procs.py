@@ -47,3 +47,13 @@ def waiter(config: Any, pid: str, conn: Connection) -> None:
         conn.send("returned")
     except Exception as exc:
         conn.send(type(exc).__name__)
+
+
+def consumer_holding_a_leased_batch(
+    config: Any, pid: str, lease_s: float, conn: Connection
+) -> None:
+    """Take one batch of two rows under a consumer lease, report its rows, wait to be killed."""
+    tq.init(config)
+    meta = tq.get_client().get_meta(["x"], 2, pid, "train", lease_s=lease_s)
+    conn.send(meta.rows)
+    conn.recv()  # never sent: killed here

@@ -18,6 +18,7 @@ TUTORIALS = {
     "05_custom_sampler.py": "custom sampler: OK",
     "06_streaming_dataloader_dp.py": "streaming dataloader with DP ranks: OK",
     "07_choosing_a_transport.py": "choosing a transport (inproc): OK",
+    "08_group_filters_and_token_budget.py": "group filters and token budget: OK",
 }
 SMALL = ["--steps", "2", "--global-batch-size", "16", "--producers", "3", "--seed", "7"]
 

@@ -12,6 +12,7 @@ from transferqueue.controller.samplers import (
     RankAwareSampler,
     SeqlenBalancedSampler,
     SequentialSampler,
+    TokenBudgetSampler,
 )
 from transferqueue.errors import (
     ActorClosedError,
@@ -70,6 +71,7 @@ __all__ = [
     "StorageFullError",
     "StreamingDataLoader",
     "StreamingDataset",
+    "TokenBudgetSampler",
     "TransferQueueClient",
     "TransferQueueError",
     "TransportUnavailableError",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
+from transferqueue.actor import DEFAULT as DEFAULT_TIMEOUT
 from transferqueue.actor import ActorRef
 from transferqueue.columns import assemble, field_spec, payload_bytes, to_columns
 from transferqueue.config import Config
@@ -68,8 +69,59 @@ class AsyncTransferQueueClient:
             await ref.aclose()
 
     # ------------------------------------------------------------------ partitions
-    async def create_partition(self, partition_id: str, expected_size: int = 0) -> PartitionInfo:
-        return await self._controller.call("create_partition", partition_id, expected_size)
+    async def create_partition(
+        self,
+        partition_id: str,
+        expected_size: int = 0,
+        *,
+        max_staleness: int | None = None,
+        global_batch_size: int | None = None,
+    ) -> PartitionInfo:
+        """Create a partition with ``expected_size`` pending slots. With ``max_staleness=k``
+        and ``global_batch_size=B`` it is under staleness-bounded admission: producers
+        :meth:`reserve` slots, admitted while at most k versions ahead of the trainer's
+        :meth:`advance_version` (docs/async-rl.md)."""
+        return await self._controller.call(
+            "create_partition", partition_id, expected_size, max_staleness, global_batch_size
+        )
+
+    async def reserve(
+        self,
+        partition_id: str,
+        n: int,
+        version: int | None = None,
+        timeout: float | None = None,
+        wait: bool = True,
+    ) -> BatchMeta:
+        """Reserve ``n`` slots to generate into (fill them with ``put(data,
+        metadata=reserved)``); waits, woken by :meth:`advance_version`, while they would put
+        more than ``max_staleness`` versions of work ahead of the trainer. ``wait=False``
+        reserves what fits now (possibly nothing). Each slot's ``version`` tag is the
+        version it was reserved under (``version``, default the current one)."""
+        call_timeout = None if timeout is None else timeout + _WAIT_MARGIN_S
+        if not wait:
+            call_timeout = self.config.runtime.call_timeout
+        return await self._controller.call(
+            "reserve", partition_id, n, version, timeout, wait, timeout=call_timeout
+        )
+
+    async def advance_version(self, partition_id: str) -> int:
+        """The trainer moved to its next policy version; returns it."""
+        return await self._controller.call("advance_version", partition_id)
+
+    async def ack(self, meta: BatchMeta) -> dict[str, Any]:
+        """Mark the rows of a leased batch (``get_meta(lease_s=...)``) consumed. Returns
+        ``{"acked": n, "not_leased": m, "ended": ...}``: rows whose lease had ended (acked
+        before, nacked, expired) are not acked again but counted in ``not_leased``."""
+        if not meta.lease:
+            raise ValueError("ack needs a leased batch: get it with get_meta(..., lease_s=...)")
+        return await self._controller.call("ack", meta.partition_id, meta.lease, meta.rows)
+
+    async def nack(self, meta: BatchMeta) -> int:
+        """Give a leased batch back at once: its rows are handed out again, first."""
+        if not meta.lease:
+            raise ValueError("nack needs a leased batch: get it with get_meta(..., lease_s=...)")
+        return await self._controller.call("nack", meta.partition_id, meta.lease)
 
     async def seal(self, partition_id: str) -> PartitionInfo:
         return await self._controller.call("seal", partition_id)
@@ -249,8 +301,17 @@ class AsyncTransferQueueClient:
         wait: bool = True,
         timeout: float | None = None,
         drop_last: bool = False,
+        where: dict[str, Any] | None = None,
+        max_version_lag: int | None = None,
+        evict: bool = False,
+        lease_s: float | None = None,
     ) -> BatchMeta:
-        """Rows whose ``data_fields`` are ready, marked consumed for ``task_name``.
+        """Rows whose ``data_fields`` are ready, marked consumed for ``task_name`` -- or,
+        with ``lease_s``, leased to it until :meth:`ack` (handed out again after
+        :meth:`nack` or ``lease_s`` seconds). ``where={"tag": value, ...}``: only rows
+        whose tags match count as ready (a tag-only put that makes a row match wakes the
+        waiters). ``max_version_lag=j``: rows reserved more than j policy versions ago are
+        skipped; with ``evict=True`` they are consumed for the task unseen and counted.
 
         With ``wait`` (the default) it waits -- woken by the controller's commits, never by a
         timer -- until a batch can be filled or the partition is exhausted for the task;
@@ -279,6 +340,11 @@ class AsyncTransferQueueClient:
                 drop_last,
                 token,
                 timeout=call_timeout,
+                where=where,
+                max_version_lag=max_version_lag,
+                evict=evict,
+                lease_s=lease_s,
+                client=self.client_id,
             )
         except asyncio.CancelledError:
             if token is not None:
@@ -360,9 +426,23 @@ class AsyncTransferQueueClient:
         meta = BatchMeta(partition_id, found["rows"], fields, units=found["units"])
         return await self.get_data(meta)
 
-    async def kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, Any]]:
-        """``{partition: {key: tags}}`` (``{}`` for an unknown partition)."""
-        return await self._controller.call("kv_list", partition_id)
+    async def kv_list(
+        self,
+        partition_id: str | None = None,
+        where: dict[str, Any] | None = None,
+        min_count: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """``{partition: {key: tags}}`` (``{}`` for an unknown partition); ``where``: only
+        keys whose tags match. With ``min_count`` it waits, event-driven, until at least that
+        many keys of ``partition_id`` match (``TimeoutError`` after ``timeout``): the
+        replacement for a ``kv_list`` polling loop."""
+        call_timeout: Any = DEFAULT_TIMEOUT
+        if min_count is not None:
+            call_timeout = None if timeout is None else timeout + _WAIT_MARGIN_S
+        return await self._controller.call(
+            "kv_list", partition_id, where, min_count, timeout, timeout=call_timeout
+        )
 
     async def kv_clear(self, keys: str | Sequence[str], partition_id: str) -> None:
         """Forget ``keys`` (a key or a list) and free their bytes; keys (and partitions)
@@ -410,6 +490,10 @@ class TransferQueueClient:
         return self._async.config
 
     create_partition = _sync("create_partition")
+    reserve = _sync("reserve")
+    advance_version = _sync("advance_version")
+    ack = _sync("ack")
+    nack = _sync("nack")
     seal = _sync("seal")
     list_partitions = _sync("list_partitions")
     partition_info = _sync("partition_info")

@@ -44,6 +44,15 @@ def _copy_tags(tags: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _common_lease(metas: Sequence[Any]) -> dict[str, Any]:
+    """The lease of batches joined together, when they share one (else none)."""
+    leases = {(m.task_name, m.lease) for m in metas if m.rows}
+    if len(leases) == 1:
+        task, lease = leases.pop()
+        return {"task_name": task, "lease": lease}
+    return {}
+
+
 @dataclass
 class BatchMeta:
     """A batch of samples of one partition: rows (in batch order), fields and per-row tags.
@@ -59,6 +68,9 @@ class BatchMeta:
     fields: list[str] = field(default_factory=list)
     tags: list[dict[str, Any]] = field(default_factory=list)
     units: list[int] = field(default_factory=list)
+    #: with a consumer lease (``get_meta(lease_s=...)``): its task and id, for ack / nack
+    task_name: str = ""
+    lease: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition_id, str):
@@ -104,6 +116,8 @@ class BatchMeta:
             fields=list(self.fields),
             tags=self.tags[start:stop],
             units=self.units[start:stop],
+            task_name=self.task_name,
+            lease=self.lease,
         )
 
     # ------------------------------------------------------- split and join
@@ -169,7 +183,10 @@ class BatchMeta:
         missing = [f for f in fields if f not in self.fields]
         if missing:
             raise ValueError(f"fields {missing} are not in this batch (it has {self.fields})")
-        return BatchMeta(self.partition_id, list(self.rows), fields, self.tags, list(self.units))
+        return BatchMeta(
+            self.partition_id, list(self.rows), fields, self.tags, list(self.units),
+            self.task_name, self.lease,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ wire
     def to_plain(self) -> dict[str, Any]:
@@ -180,6 +197,8 @@ class BatchMeta:
             "fields": list(self.fields),
             "tags": [dict(t) for t in self.tags],
             "units": list(self.units),
+            "task_name": self.task_name,
+            "lease": self.lease,
         }
 
     @classmethod
@@ -191,6 +210,8 @@ class BatchMeta:
             fields=list(plain.get("fields", [])),
             tags=list(plain.get("tags", [])),
             units=list(plain.get("units", [])),
+            task_name=plain.get("task_name", ""),
+            lease=int(plain.get("lease", 0)),
         )
 
 
@@ -215,6 +236,22 @@ class PartitionInfo:
     in_flight: int = 0
     #: rows whose bytes lived on a storage unit that died (not counted in ``size``)
     lost: int = 0
+    #: rows handed out under a consumer lease and not acked yet, per task
+    leased: dict[str, int] = field(default_factory=dict)
+    #: rows handed out again after a nack or an expired lease, per task
+    redelivered: dict[str, int] = field(default_factory=dict)
+    #: rows too old for a task's ``max_version_lag``, consumed unseen (``evict=True``)
+    evicted: dict[str, int] = field(default_factory=dict)
+    #: the policy version (staleness-bounded admission; 0 otherwise)
+    version: int = 0
+    #: the staleness bound k (``None``: no admission control)
+    max_staleness: int | None = None
+    #: samples admitted by ``reserve`` so far
+    admitted: int = 0
+    #: ``reserve`` calls waiting for room under the staleness bound right now
+    reserving: int = 0
+    #: rows a sampler's group filter (``keep_group``) dropped, consumed unseen, per task
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         """Plain values for the wire codec."""
@@ -228,6 +265,14 @@ class PartitionInfo:
             "waiting": dict(self.waiting),
             "in_flight": self.in_flight,
             "lost": self.lost,
+            "leased": dict(self.leased),
+            "redelivered": dict(self.redelivered),
+            "evicted": dict(self.evicted),
+            "version": self.version,
+            "max_staleness": self.max_staleness,
+            "admitted": self.admitted,
+            "reserving": self.reserving,
+            "dropped": dict(self.dropped),
         }
 
     @classmethod
@@ -243,6 +288,14 @@ class PartitionInfo:
             waiting=dict(plain.get("waiting", {})),
             in_flight=int(plain.get("in_flight", 0)),
             lost=int(plain.get("lost", 0)),
+            leased=dict(plain.get("leased", {})),
+            redelivered=dict(plain.get("redelivered", {})),
+            evicted=dict(plain.get("evicted", {})),
+            version=int(plain.get("version", 0)),
+            max_staleness=plain.get("max_staleness"),
+            admitted=int(plain.get("admitted", 0)),
+            reserving=int(plain.get("reserving", 0)),
+            dropped=dict(plain.get("dropped", {})),
         )
 
 

@@ -29,6 +29,15 @@ Data-parallel ranks
     ``SeqlenBalancedSampler``), the stream keeps ``batch_index`` itself: it starts at
     ``sampling_config.get("batch_index", 0)`` and grows by one per fetched batch.
 
+Leases (``lease_s``)
+    Rows are handed out leased instead of consumed (docs/async-rl.md): ``StreamingDataset(...,
+    lease_s=30)`` acks micro-batch *i* when micro-batch *i+1* is requested -- the training
+    step in between finished -- and the last one when the stream ends normally; a consumer
+    that dies or stops early leaves its batch unacked, and it is handed out again when the
+    lease expires. With DataLoader workers the acks are sent by the process iterating the
+    loader (not by the workers, which fetch ahead). ``ack="manual"`` leaves acking to you
+    (``client.ack(meta)``).
+
 See docs/streaming.md for DataLoader workers, ``reset`` and ``step``.
 """
 
@@ -101,8 +110,10 @@ class _Fetcher:
         timeout: float | None = None,
         index_offset: int = 0,
         index_stride: int = 1,
+        lease_s: float | None = None,
     ) -> None:
         self.client = client
+        self.lease_s = lease_s
         self.fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
         self.batch_size = batch_size
         self.partition_id = partition_id
@@ -129,6 +140,7 @@ class _Fetcher:
             wait=wait,
             timeout=self.timeout if wait else None,
             drop_last=self.drop_last,
+            lease_s=self.lease_s,
         )
         if meta.is_empty:
             return None
@@ -178,21 +190,33 @@ async def stream(
     timeout: float | None = None,
     *,
     prefetch: bool = True,
+    lease_s: float | None = None,
 ) -> AsyncIterator[Item]:
     """``(TensorDict, BatchMeta)`` micro-batches of ``partition_id`` for ``task_name``, each
     as soon as its rows are ready, until the partition is exhausted for the task.
 
     ``timeout`` bounds each wait for a batch (``TimeoutError``). ``async for`` it, and
     ``break`` (or ``aclose()``) to stop early; see the module docstring for the prefetch.
+    ``lease_s``: rows are leased, and each micro-batch is acked when the next is asked for
+    (and the last at the normal end).
     """
     _check_sizes(batch_size, micro_batch_size)
     fetcher = _Fetcher(
         client, data_fields, batch_size, partition_id, task_name, sampling_config,
-        drop_last, timeout,
+        drop_last, timeout, lease_s=lease_s,
     )  # fmt: skip
     inner = _stream(fetcher, micro_batch_size, prefetch)
+    previous: BatchMeta | None = None
     try:
-        async for item in inner:
+        while True:
+            if previous is not None:  # before the next fetch: it may wait for these rows
+                await client.ack(previous)
+                previous = None
+            try:
+                item = await inner.__anext__()
+            except StopAsyncIteration:
+                return
+            previous = item[1] if lease_s is not None else None
             yield item
     finally:
         await inner.aclose()
@@ -278,9 +302,15 @@ class StreamingDataset(IterableDataset[Item]):
         drop_last: bool = False,
         timeout: float | None = None,
         prefetch: bool = True,
+        lease_s: float | None = None,
+        ack: str = "after_step",
     ) -> None:
         super().__init__()
         _check_sizes(batch_size, micro_batch_size)
+        if ack not in ("after_step", "manual"):
+            raise ValueError(f"ack must be 'after_step' or 'manual', got {ack!r}")
+        self.lease_s = lease_s
+        self.ack = ack
         self.data_fields = list(data_fields)
         self.batch_size = batch_size
         self.partition_id = _check_name("partition_id", partition_id)
@@ -333,10 +363,40 @@ class StreamingDataset(IterableDataset[Item]):
         client, owned = self._open()
         fetcher = _Fetcher(
             client, self.data_fields, self.batch_size, self.partition_id, self.task_name,
-            self.sampling_config, self.drop_last, self.timeout, offset, stride,
+            self.sampling_config, self.drop_last, self.timeout, offset, stride, self.lease_s,
         )  # fmt: skip
         agen = _stream(fetcher, self.micro_batch_size, self.prefetch)
-        return _sync_iter(agen, owned)
+        items = _sync_iter(agen, owned)
+        if worker is None and self.acks_after_step:  # in a worker, the loader's process acks
+            return _acked(items, client)
+        return items
+
+    @property
+    def acks_after_step(self) -> bool:
+        return self.lease_s is not None and self.ack == "after_step"
+
+
+def _acked(
+    items: Iterator[Item], client: AsyncTransferQueueClient, owned: System | None = None
+) -> Iterator[Item]:
+    """Ack each leased item when the next one is asked for (the step in between finished),
+    and the last one at the normal end; an item the consumer stopped at stays unacked."""
+    loop = runtime_loop()
+    previous: BatchMeta | None = None
+    try:
+        while True:
+            if previous is not None:  # before the next fetch: it may wait for these rows
+                loop.run(client.ack(previous))
+                previous = None
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            previous = item[1]
+            yield item
+    finally:
+        if owned is not None:
+            _finish(loop, owned.aclose())
 
 
 def _sync_iter(agen: AsyncGenerator[Item, None], owned: System | None) -> Iterator[Item]:
@@ -386,3 +446,15 @@ class StreamingDataLoader(DataLoader[Item]):
             prefetch_factor=prefetch_factor,
             **kwargs,
         )
+
+    def __iter__(self) -> Iterator[Item]:  # type: ignore[override]
+        items: Iterator[Item] = super().__iter__()
+        dataset = self.dataset
+        if (
+            self.num_workers > 0
+            and isinstance(dataset, StreamingDataset)
+            and dataset.acks_after_step  # the workers fetch ahead: acks come from here
+        ):
+            client, owned = dataset._open()
+            return _acked(items, client, owned)
+        return items

@@ -491,7 +491,7 @@ def test_capacity_grows_geometrically() -> None:
         put(state, "p", 1)
         seen.add(state.memory_bytes("p") - 8 * state.partition_info("p").size)
     assert len(seen) <= 12  # about log2(5000) reallocations, not one per append
-    assert state.memory_bytes("p") <= 2 * 5000 * (2 + 2) + 8 * 5000  # + a 2-byte unit per row
+    assert state.memory_bytes("p") <= 2 * 5000 * (2 + 2 + 4) + 8 * 5000  # + unit, version per row
 
 
 def test_bytes_per_row_are_small() -> None:

@@ -84,6 +84,7 @@ class ControllerActor:
         self._timer: asyncio.TimerHandle | None = None
         self._space = _Waiters()  # woken when bytes are freed
         self._clearing: dict[str, asyncio.Event] = {}  # partitions whose bytes are going
+        self._reserving: dict[str, int] = {}  # reserve calls waiting for room, per partition
 
     def _changed(self, pid: str) -> None:
         waiters = self._waiters.get(pid)
@@ -135,8 +136,16 @@ class ControllerActor:
         return os.getpid()
 
     # -------------------------------------------------------------- partitions
-    async def create_partition(self, pid: str, expected_size: int = 0) -> PartitionInfo:
-        self._state.create_partition(pid, expected_size)
+    async def create_partition(
+        self,
+        pid: str,
+        expected_size: int = 0,
+        max_staleness: int | None = None,
+        global_batch_size: int | None = None,
+    ) -> PartitionInfo:
+        self._state.create_partition(
+            pid, expected_size, max_staleness=max_staleness, global_batch_size=global_batch_size
+        )
         self._changed(pid)
         return self._info(pid)
 
@@ -200,7 +209,9 @@ class ControllerActor:
         for (qpid, task, *_), queue in self._queues.items():
             if qpid == pid:
                 waiting[task] = waiting.get(task, 0) + len(queue)
-        return dataclasses.replace(self._state.partition_info(pid), waiting=waiting)
+        return dataclasses.replace(
+            self._state.partition_info(pid), waiting=waiting, reserving=self._reserving.get(pid, 0)
+        )
 
     # ------------------------------------------------------------------ writes
     async def begin_put(
@@ -266,8 +277,8 @@ class ControllerActor:
         return released
 
     def _arm_expiry(self) -> None:
-        """One timer, at the earliest lease deadline."""
-        deadline = self._state.leases.next_deadline()
+        """One timer, at the earliest lease deadline (put or consumer lease)."""
+        deadline = self._state.next_deadline()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -278,12 +289,74 @@ class ControllerActor:
 
     def _on_expiry(self) -> None:
         self._timer = None
-        for rel in self._state.expire(time.time()):
+        now = time.time()
+        for rel in self._state.expire(now):
             log.warning(
                 "put lease of %d row(s) of partition %r expired: released", len(rel.rows), rel.pid
             )
             self._own(self._drain(rel), "releasing the rows of an expired put lease")
+        for pid in self._state.expire_consumers(now):  # their rows are ready again
+            self._changed(pid)
         self._arm_expiry()
+
+    # ------------------------------------------------------------ consumer leases
+    async def ack(self, pid: str, lease: int, rows: Sequence[int] | None = None) -> dict[str, Any]:
+        """Rows of a consumer lease are consumed; reports rows no longer leased under it."""
+        result = self._state.ack(pid, lease, rows)
+        if result["acked"]:
+            self._changed(pid)  # the stream may have ended
+        return result
+
+    async def nack(self, pid: str, lease: int) -> int:
+        """Give a consumer lease's rows back at once (handed out again first)."""
+        count = self._state.nack(pid, lease)
+        if count:
+            self._changed(pid)
+        return count
+
+    # ------------------------------------------------------------ admission
+    async def reserve(
+        self,
+        pid: str,
+        n: int,
+        version: int | None = None,
+        timeout: float | None = None,
+        wait: bool = True,
+    ) -> BatchMeta:
+        """Reserve ``n`` slots under the partition's staleness bound, waiting (woken by
+        ``advance_version``, never polling) while they do not fit; with ``wait=False``
+        reserve what fits now. ``TimeoutError`` after ``timeout`` seconds."""
+        meta = self._state.reserve(pid, n, version, partial=not wait)
+        if meta is None:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            self._reserving[pid] = self._reserving.get(pid, 0) + 1
+            try:
+                while meta is None:
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(
+                            f"no room to reserve {n} slot(s) of partition {pid!r} within "
+                            f"{timeout} s: the trainer has not advanced its version"
+                        )
+                    generation = self._state.generation(pid)
+                    try:
+                        await self._waiters.setdefault(pid, _Waiters()).wait(left)
+                    except asyncio.TimeoutError:
+                        continue
+                    if self._state.generation(pid) != generation:
+                        raise PartitionNotFoundError(f"partition {pid!r} was cleared")
+                    meta = self._state.reserve(pid, n, version)
+            finally:
+                self._reserving[pid] -= 1
+        self._changed(pid)  # consumers may wait for these slots now
+        return meta
+
+    async def advance_version(self, pid: str) -> int:
+        """The trainer finished a version: producers may reserve one batch further."""
+        version = self._state.advance_version(pid)
+        self._changed(pid)
+        return version
 
     async def locate(self, pid: str, rows: Sequence[int]) -> list[int]:
         """The unit of each of ``rows`` (``RowsLostError`` for lost rows)."""
@@ -307,8 +380,15 @@ class ControllerActor:
         timeout: float | None = None,
         drop_last: bool = False,
         token: str | None = None,
+        *,
+        where: Mapping[str, Any] | None = None,
+        max_version_lag: int | None = None,
+        evict: bool = False,
+        lease_s: float | None = None,
+        client: str = "",
     ) -> BatchMeta:
-        """``token``: names a waiting call, so that :meth:`cancel_wait` can withdraw it."""
+        """``token``: names a waiting call, so that :meth:`cancel_wait` can withdraw it.
+        ``where``, ``max_version_lag``, ``evict``, ``lease_s``: see ControllerState.get_meta."""
         if token is not None and token in self._withdrawn:  # withdrawn before it arrived
             del self._withdrawn[token]
             return BatchMeta.empty(pid, list(fields))
@@ -319,7 +399,14 @@ class ControllerActor:
         def attempt() -> BatchMeta | None:
             if withdrawn():
                 return BatchMeta.empty(pid, list(fields))  # consume nothing
-            return self._state.get_meta(pid, task, fields, batch_size, sampling_config, drop_last)
+            meta = self._state.get_meta(
+                pid, task, fields, batch_size, sampling_config, drop_last, where=where,
+                max_version_lag=max_version_lag, evict=evict, lease_s=lease_s,
+                now=time.time(), client=client,
+            )  # fmt: skip
+            if lease_s is not None and meta is not None and meta.lease:
+                self._arm_expiry()
+            return meta
 
         # one queue per (partition, task, rank, step): a rank waiting for a later step never
         # holds back a slower rank of its group whose step is already formed
@@ -407,8 +494,35 @@ class ControllerActor:
     async def kv_rows(self, pid: str, keys: Sequence[str]) -> list[int]:
         return self._state.rows_for_keys(pid, keys)
 
-    async def kv_list(self, pid: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-        return self._state.kv_list(pid)
+    async def kv_list(
+        self,
+        pid: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        min_count: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{partition: {key: tags}}`` (``where``: keys whose tags match). With
+        ``min_count``, waits -- woken by puts and tag changes, never polling -- until at
+        least that many keys of ``pid`` match; ``TimeoutError`` after ``timeout``."""
+        found = self._state.kv_list(pid, where)
+        if min_count is None:
+            return found
+        if pid is None:
+            raise ValueError("kv_list with min_count waits on one partition: give partition_id")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while len(found.get(pid, {})) < min_count:
+            left = None if deadline is None else deadline - loop.time()
+            try:
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                await self._waiters.setdefault(pid, _Waiters()).wait(left)
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"fewer than {min_count} keys of partition {pid!r} matched within {timeout} s"
+                ) from None
+            found = self._state.kv_list(pid, where)
+        return found
 
     async def kv_clear(self, pid: str, keys: Sequence[str]) -> list[int]:
         """Forget ``keys`` (keys already gone are ignored, as Redis ``DEL``); returns the

@@ -1,4 +1,6 @@
-"""Put leases: the time-bounded claim a put holds on its rows (pure; no I/O, no asyncio).
+"""Leases: time-bounded claims on rows (pure; no I/O, no asyncio).
+
+Put leases: the claim a put holds on its rows.
 
 A put allocates rows (``begin_put``), writes their bytes to the storage units, then commits.
 Between the first and the last step its rows are *in flight* under a :class:`PutLease`:
@@ -22,11 +24,13 @@ import heapq
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["PutLease", "PutLeases", "Release"]
+L = TypeVar("L", bound=Any)
+
+__all__ = ["ConsumerLease", "LeaseTable", "PutLease", "PutLeases", "Release"]
 
 
 @dataclass
@@ -67,10 +71,24 @@ class Release:
 
 
 @dataclass
-class PutLeases:
-    """The live put leases, by id, with their deadlines in a heap."""
+class ConsumerLease:
+    """Rows handed to a task under a consumer lease: not consumed until acked; back to the
+    task's ready set (first) on nack or when ``deadline`` passes."""
 
-    _live: dict[int, PutLease] = field(default_factory=dict)
+    lease: int
+    pid: str
+    generation: int
+    task: str
+    rows: set[int]
+    deadline: float
+    client: str = ""
+
+
+@dataclass
+class LeaseTable(Generic[L]):
+    """Live leases (anything with ``lease`` and ``deadline``), by id, deadlines in a heap."""
+
+    _live: dict[int, L] = field(default_factory=dict)
     _deadlines: list[tuple[float, int]] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -80,17 +98,20 @@ class PutLeases:
     def new_id(self) -> int:
         return int(next(self._ids))
 
-    def add(self, lease: PutLease) -> None:
+    def add(self, lease: L) -> None:
         self._live[lease.lease] = lease
         heapq.heappush(self._deadlines, (lease.deadline, lease.lease))
 
-    def get(self, lease_id: int) -> PutLease | None:
+    def get(self, lease_id: int) -> L | None:
         return self._live.get(lease_id)
 
-    def pop(self, lease_id: int) -> PutLease | None:
+    def pop(self, lease_id: int) -> L | None:
         return self._live.pop(lease_id, None)
 
-    def expired(self, now: float) -> list[PutLease]:
+    def values(self) -> list[L]:
+        return list(self._live.values())
+
+    def expired(self, now: float) -> list[L]:
         """Remove and return the leases whose deadline is at or before ``now``."""
         out = []
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -106,8 +127,9 @@ class PutLeases:
             heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
 
-    def of_partition(self, pid: str) -> list[PutLease]:
-        return [lease for lease in self._live.values() if lease.pid == pid]
+
+class PutLeases(LeaseTable[PutLease]):
+    """The live put leases."""
 
     def in_flight(self, pid: str) -> int:
         return sum(len(lease.fresh) for lease in self._live.values() if lease.pid == pid)

@@ -100,6 +100,10 @@ class Partition:
         self.prod: dict[str, np.ndarray] = {}
         self.specs: dict[str, FieldSpec] = {}
         self.cons: dict[str, np.ndarray] = {}
+        #: rows handed to a task under a consumer lease (not consumed until acked)
+        self.leased: dict[str, np.ndarray] = {}
+        #: rows a task gets again before newer ones (nacked or their lease expired)
+        self.requeued: dict[str, list[int]] = {}
         self.lwm: dict[str, int] = {}
         self.tags: list[dict[str, Any] | None] = []
         self.keys: dict[str, int] = {}
@@ -111,6 +115,13 @@ class Partition:
         self.free: list[int] = []
         #: the unit the next allocated block of rows goes to (placement round robin)
         self.next_unit = 0
+        #: staleness-bounded admission (None: a plain partition); see :mod:`.admission`
+        self.max_staleness: int | None = None
+        self.global_batch_size = 0
+        self.version = 0
+        self.admitted = 0
+        #: the policy version each row was reserved under (-1: not reserved)
+        self.row_version = np.zeros(0, dtype=np.int32)
 
     # ------------------------------------------------------------ storage
     @property
@@ -131,8 +142,12 @@ class Partition:
         unit = np.full(new_cap, NO_UNIT, dtype=np.int16)
         unit[: self.n] = self.unit[: self.n]
         self.unit = unit
+        version = np.full(new_cap, -1, dtype=np.int32)
+        version[: self.n] = self.row_version[: self.n]
+        self.row_version = version
         self.prod = {f: grown(a) for f, a in self.prod.items()}
         self.cons = {t: grown(a) for t, a in self.cons.items()}
+        self.leased = {t: grown(a) for t, a in self.leased.items()}
 
     def add_rows(self, count: int, code: int) -> np.ndarray:
         # a first reservation gets exactly its size; later growth is geometric
@@ -166,12 +181,13 @@ class Partition:
     def task(self, task: str) -> np.ndarray:
         if task not in self.cons:
             self.cons[task] = np.zeros(self.capacity, dtype=bool)
+            self.leased[task] = np.zeros(self.capacity, dtype=bool)
             self.lwm[task] = 0
         return self.cons[task]
 
     def nbytes(self) -> int:
-        arrays: list[np.ndarray] = [self.state, self.unit, *self.prod.values()]
-        arrays += self.cons.values()
+        arrays: list[np.ndarray] = [self.state, self.unit, self.row_version, *self.prod.values()]
+        arrays += [*self.cons.values(), *self.leased.values()]
         return sum(a.nbytes for a in arrays) + 8 * len(self.tags)
 
     # ------------------------------------------------------------ scanning
@@ -251,17 +267,23 @@ class Partition:
     # ------------------------------------------------------------ status
     @property
     def bounded(self) -> bool:
-        return self.sealed or (self.expected_size > 0 and self.n_pending == 0)
+        """No row can be added any more: sealed, or its reservation is full (a partition
+        under staleness-bounded admission grows by reservations: only a seal bounds it)."""
+        if self.sealed:
+            return True
+        return self.max_staleness is None and self.expected_size > 0 and self.n_pending == 0
 
     def ready_mask(self, task: str, fields: Sequence[str], lo: int, hi: int) -> np.ndarray:
-        """Rows in [lo, hi) committed with every field and not consumed by ``task``."""
+        """Rows in [lo, hi) committed with every field, not consumed by ``task`` and not
+        leased to it."""
         mask = self.state[lo:hi] == COMMITTED
         for f in fields:
             col = self.prod.get(f)
             if col is None:
                 return np.zeros(hi - lo, dtype=bool)
             np.logical_and(mask, col[lo:hi], out=mask)
-        return np.greater(mask, self.task(task)[lo:hi], out=mask)  # mask & ~consumed
+        np.greater(mask, self.task(task)[lo:hi], out=mask)  # mask & ~consumed
+        return np.greater(mask, self.leased[task][lo:hi], out=mask)  # & ~leased
 
     def exhausted(self, task: str) -> bool:
         if task not in self.cons:
@@ -276,12 +298,16 @@ class Partition:
         """Rows become dead: bits, tags and keys go. A row that never held bytes is
         reusable at once; others after :meth:`recycle` (their bytes are gone)."""
         self.forget(rows)
+        self.row_version[rows] = -1
         self.state[rows] = DEAD
         self.recycle(rows[self.unit[rows] == NO_UNIT])
 
     def to_pending(self, rows: np.ndarray) -> None:
-        """In-flight ``rows`` whose bytes are gone become pending slots again."""
+        """In-flight ``rows`` whose bytes are gone become pending slots again (a reserved
+        slot keeps the version it was reserved under)."""
         self.forget(rows)
+        for r in rows[self.row_version[rows] >= 0].tolist():
+            self.tags[r] = {"version": int(self.row_version[r])}
         self.state[rows] = PENDING
         self.unit[rows] = NO_UNIT
         self.n_pending += len(rows)
@@ -291,7 +317,7 @@ class Partition:
     def forget(self, rows: np.ndarray) -> None:
         """Clear the bits, tags and keys of ``rows`` (their state is the caller's)."""
         self.n_pending -= int(np.count_nonzero(self.state[rows] == PENDING))
-        for a in (*self.prod.values(), *self.cons.values()):
+        for a in (*self.prod.values(), *self.cons.values(), *self.leased.values()):
             a[rows] = False
         for r in rows.tolist():
             self.tags[r] = None
@@ -300,12 +326,17 @@ class Partition:
                 del self.keys[key]
 
     def take_pending(self, count: int) -> np.ndarray:
-        rows, _ = self.scan(self.pending_lo, count, lambda lo, hi: self.state[lo:hi] == PENDING)
+        def free_slot(lo: int, hi: int) -> np.ndarray:  # reserved slots wait for their put
+            return (self.state[lo:hi] == PENDING) & (self.row_version[lo:hi] < 0)
+
+        rows, _ = self.scan(self.pending_lo, count, free_slot)
         rows = rows[:count]
+        if len(rows) < count:  # no free slot left below n
+            self.pending_lo = self.n
         if len(rows):
             self.state[rows] = INFLIGHT
             self.n_pending -= len(rows)
-            self.pending_lo = int(rows[-1]) + 1
+            self.pending_lo = max(self.pending_lo, int(rows[-1]) + 1)
         return rows
 
     def reserve(self, size: int) -> None:

@@ -286,6 +286,10 @@ class _Round:
 
 
 class _RoundSampler(BaseSampler):
+    #: a round hands each rank its share and consumes the whole round at once, which a
+    #: consumer lease (rows given back one rank at a time) would break
+    consumes_for_others = True
+
     """Hands out rounds: one share per slot (group or rank) per ``batch_index``.
 
     The first request for a ``batch_index`` forms the round and marks all of it consumed;

@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from transferqueue.controller import admission
+from transferqueue.controller.delivery import Delivery
 from transferqueue.controller.leases import PutLease, PutLeases, Release
 from transferqueue.controller.partition import (
     COMMITTED,
@@ -123,6 +125,9 @@ class ControllerState:
         self.capacity = Capacity(capacity_bytes)
         self.put_lease_s = put_lease_s
         self.leases = PutLeases()
+        self.delivery = Delivery()
+        #: rows too old for a task's max_version_lag, consumed unseen, per (partition, task)
+        self.evicted: Counter[tuple[str, str]] = Counter()
 
     # ------------------------------------------------------------ partitions
     def _get(self, pid: str) -> Partition:
@@ -143,13 +148,29 @@ class ControllerState:
             part.reserve(self.default_expected_size)
         return part
 
-    def create_partition(self, pid: str, expected_size: int = 0) -> None:
-        """Create ``pid`` (or change its reservation) with ``expected_size`` pending slots."""
+    def create_partition(
+        self,
+        pid: str,
+        expected_size: int = 0,
+        *,
+        max_staleness: int | None = None,
+        global_batch_size: int | None = None,
+    ) -> None:
+        """Create ``pid`` (or change its reservation) with ``expected_size`` pending slots;
+        with ``max_staleness`` and ``global_batch_size``, under staleness-bounded admission
+        (:mod:`.admission`)."""
         if isinstance(expected_size, bool) or not isinstance(expected_size, int):
             raise TypeError(f"expected_size must be an int, got {expected_size!r}")
         if expected_size < 0:
             raise ValueError(f"expected_size must be >= 0, got {expected_size}")
-        self._ensure(pid).reserve(expected_size)
+        part = self._parts.get(pid)
+        if part is None and (max_staleness is not None or global_batch_size is not None):
+            probe = Partition(pid, 0)  # validate before creating anything
+            admission.configure(probe, max_staleness, global_batch_size)
+        part = self._ensure(pid)
+        admission.configure(part, max_staleness, global_batch_size)
+        if part.max_staleness is None or expected_size:
+            part.reserve(expected_size)
 
     def has_partition(self, pid: str) -> bool:
         return pid in self._parts
@@ -325,8 +346,13 @@ class ControllerState:
         if rows is not None:
             part = self._get(pid)
             got = rows_array(rows)
-            part.check_rows(got, "write")
-            fresh = slots = got[:0]
+            reserved = self._reserved(part, got)
+            part.check_rows(got[~reserved], "write")
+            if reserved.any() and len(np.unique(got)) != len(got):
+                raise ValueError(f"cannot write: rows repeat in {got.tolist()[:16]}")
+            fresh = slots = got[reserved]  # a put into its reservation fills those slots
+            part.state[slots] = INFLIGHT
+            part.n_pending -= len(slots)
         else:
             part = self._ensure(pid)
             pending_before = part.state[: part.n] == PENDING
@@ -359,6 +385,13 @@ class ControllerState:
         self.capacity.reserve(nbytes)
         self.leases.add(lease)
         return lease
+
+    @staticmethod
+    def _reserved(part: Partition, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` are reserved slots (``reserve``) waiting for their put."""
+        if not len(rows) or rows.min() < 0 or rows.max() >= part.n:
+            return np.zeros(len(rows), dtype=bool)
+        return (part.state[rows] == PENDING) & (part.row_version[rows] >= 0)
 
     def _check_specs(self, pid: str, specs: Mapping[str, Any]) -> dict[str, FieldSpec]:
         """Field specs of a put, checked against what the partition holds."""
@@ -531,9 +564,20 @@ class ControllerState:
         batch_size: int,
         sampling_config: Mapping[str, Any] | None = None,
         drop_last: bool = False,
+        *,
+        where: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None = None,
+        max_version_lag: int | None = None,
+        evict: bool = False,
+        lease_s: float | None = None,
+        now: float = 0.0,
+        client: str = "",
     ) -> BatchMeta | None:
         """A batch for ``task``: ``None`` when the caller must wait, an empty batch when its
-        stream has ended, else the sampled rows (now consumed for ``task``)."""
+        stream has ended, else the sampled rows -- consumed for ``task``, or with
+        ``lease_s`` leased to it until acked (:mod:`.delivery`). ``where``: only rows whose
+        tags equal these values (or for which this callable is true) are ready.
+        ``max_version_lag``: rows reserved more than that many versions ago are skipped --
+        with ``evict``, consumed for the task unseen and counted (:mod:`.admission`)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(task, str) or not task:
@@ -545,9 +589,22 @@ class ControllerState:
         reserved = sorted(CONTEXT_KEYS & set(cfg))
         if reserved:
             raise SamplerError(f"sampling_config may not set {reserved}: the controller does")
+        by_tags = _tag_filter(where)
         part = self._ensure(pid)
+        tests: list[Callable[[Mapping[str, Any], int], bool]] = []
+        if by_tags is not None:
+            tests.append(by_tags)
+        if max_version_lag is not None:
+            if isinstance(max_version_lag, bool) or not isinstance(max_version_lag, int):
+                raise TypeError(f"max_version_lag must be an int, got {max_version_lag!r}")
+            oldest = part.version - max_version_lag
+            if evict:
+                self._evict_stale(part, task, oldest)
+            versions = part.row_version
+            tests.append(lambda tags, row: versions[row] < 0 or versions[row] >= oldest)
+        match = (lambda tags, row: all(t(tags, row) for t in tests)) if tests else None
         ready, final = self._ready(
-            part, task, fields, self.sampler.candidate_limit(batch_size, **cfg)
+            part, task, fields, self.sampler.candidate_limit(batch_size, **cfg), match
         )
         sampled, consumed = self.sampler.sample(
             ready, batch_size, partition_id=pid, task_name=task, tags=part.tag_view,
@@ -557,24 +614,122 @@ class ControllerState:
         used = picked if consumed == sampled else self._check_sampled(part, consumed)
         if drop_last and 0 < len(picked) < batch_size:
             picked, used = picked[:0], used[:0]
+        lease = 0
+        if lease_s is not None and getattr(self.sampler, "consumes_for_others", False):
+            raise SamplerError(
+                f"{type(self.sampler).__name__} forms rounds for every rank at once: consumer "
+                f"leases (lease_s) need a sampler that hands out what it consumes"
+            )
+        if lease_s is not None and len(picked):
+            lease = self.delivery.lease(
+                part, task, picked, now=now, lease_s=lease_s, client=client
+            ).lease
+            used = used[~np.isin(used, picked)]  # dropped by the sampler: consumed unseen
         if len(used):
             part.mark_consumed(task, used)
+        requeued = part.requeued.get(task)
+        if requeued and len(picked):
+            taken = set(picked.tolist())
+            requeued[:] = [r for r in requeued if r not in taken]
         if not len(picked):
             return BatchMeta.empty(pid, fields) if final else None
         rows = picked.tolist()
         return BatchMeta(
-            pid, rows, fields, [part.tags[r] or {} for r in rows], part.unit[picked].tolist()
-        )
+            pid, rows, fields, [part.tags[r] or {} for r in rows], part.unit[picked].tolist(),
+            task_name=task if lease else "", lease=lease,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ consumer leases
+    def ack(self, pid: str, lease: int, rows: Sequence[int] | None = None) -> dict[str, Any]:
+        """Rows of a consumer lease are consumed (see :meth:`Delivery.ack`)."""
+        return self.delivery.ack(self._parts.get(pid), lease, rows)
+
+    def nack(self, pid: str, lease: int) -> int:
+        """Give a consumer lease's rows back at once; returns how many."""
+        return self.delivery.nack(self._parts.get(pid), lease)
+
+    def expire_consumers(self, now: float) -> list[str]:
+        """Give back the rows of every consumer lease whose deadline passed; returns the
+        partitions that got rows back."""
+        out = []
+        for lease in self.delivery.expired(now):
+            if self.delivery.give_back(self._parts.get(lease.pid), lease, "expired"):
+                out.append(lease.pid)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of any lease, put or consumer."""
+        found = [d for d in (self.leases.next_deadline(), self.delivery.leases.next_deadline())]
+        return min((d for d in found if d is not None), default=None)
+
+    # ------------------------------------------------------------ admission
+    def reserve(
+        self, pid: str, n: int, version: int | None = None, partial: bool = False
+    ) -> BatchMeta | None:
+        """Reserve ``n`` slots of a partition under staleness-bounded admission; ``None``
+        when they do not fit now (the caller waits for :meth:`advance_version`). With
+        ``partial``, reserve what fits now (possibly nothing)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        part = self._get(pid)
+        if part.max_staleness is None:
+            raise ValueError(
+                f"partition {pid!r} has no staleness bound: create it with max_staleness and "
+                f"global_batch_size to reserve"
+            )
+        if part.sealed:
+            raise PartitionSealedError(f"partition {pid!r} is sealed: nothing can be reserved")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise TypeError(f"version must be an int, got {version!r}")
+        room = admission.room(part) or 0
+        if n > room and not partial:
+            return None
+        take = min(n, room)
+        rows = admission.reserve(part, take, part.version if version is None else version)
+        return self.meta_of(pid, rows, [], check=False)
+
+    def advance_version(self, pid: str) -> int:
+        return admission.advance(self._get(pid))
+
+    def _evict_stale(self, part: Partition, task: str, oldest: int) -> None:
+        """Consume, unseen, the rows reserved before version ``oldest`` (and count them)."""
+        n = part.n
+        stale = (part.row_version[:n] >= 0) & (part.row_version[:n] < oldest)
+        stale &= live_mask(part.state[:n]) & ~part.task(task)[:n] & ~part.leased[task][:n]
+        rows = np.flatnonzero(stale)
+        if len(rows):
+            part.mark_consumed(task, rows)
+            self.evicted[(part.pid, task)] += len(rows)
 
     def _ready(
-        self, part: Partition, task: str, fields: list[str], limit: int | None
+        self,
+        part: Partition,
+        task: str,
+        fields: list[str],
+        limit: int | None,
+        match: Callable[[Mapping[str, Any], int], bool] | None = None,
     ) -> tuple[list[int], bool]:
-        """Ready rows (at most ``limit``), and whether they are all and no more can come."""
+        """Ready rows (at most ``limit``; rows given back to the task first), and whether
+        they are all and no more can come."""
         k: float = float("inf") if limit is None else limit
         start = part.lwm.get(task, 0)
-        rows, reached_end = part.scan(
-            start, k, lambda lo, hi: part.ready_mask(task, fields, lo, hi)
-        )
+
+        def mask(lo: int, hi: int) -> np.ndarray:
+            m = part.ready_mask(task, fields, lo, hi)
+            if match is not None:
+                for i in np.flatnonzero(m).tolist():
+                    if not match(part.tag_view(lo + i), lo + i):
+                        m[i] = False
+            return m
+
+        rows, reached_end = part.scan(start, k, mask)
+        requeued = part.requeued.get(task)
+        if requeued:  # given back (nacked, expired): handed out before newer rows
+            ready = set(rows.tolist())
+            first = [r for r in requeued if r in ready]
+            if first:
+                firsts = set(first)
+                rows = np.array(first + [r for r in rows.tolist() if r not in firsts])
         if not (reached_end and len(rows) <= k and part.bounded):
             return rows[: len(rows) if limit is None else limit].tolist(), False
         # every unconsumed live row in [start, n) must be among the ready ones
@@ -610,12 +765,18 @@ class ControllerState:
         self._get(pid).check_rows(rows_array(rows), "write")
 
     def meta_of(
-        self, pid: str, rows: Sequence[int] | np.ndarray, fields: Sequence[str]
+        self,
+        pid: str,
+        rows: Sequence[int] | np.ndarray,
+        fields: Sequence[str],
+        check: bool = True,
     ) -> BatchMeta:
-        """A :class:`BatchMeta` of ``rows`` (in that order) with their current tags."""
+        """A :class:`BatchMeta` of ``rows`` (in that order) with their current tags
+        (``check``: they must be rows in flight or committed)."""
         part = self._get(pid)
         arr = rows_array(rows)
-        part.check_rows(arr, "describe")
+        if check:
+            part.check_rows(arr, "describe")
         rows_list = arr.tolist()
         return BatchMeta(
             pid, rows_list, list(fields), [part.tags[r] or {} for r in rows_list],
@@ -675,6 +836,17 @@ class ControllerState:
             consumed={t: int(np.count_nonzero(a[:n])) for t, a in part.cons.items()},
             in_flight=self.leases.in_flight(pid),
             lost=int(np.count_nonzero(part.state[:n] == LOST)),
+            leased=self.delivery.leased_counts(part),
+            redelivered={t: c for (p, t), c in self.delivery.redelivered.items() if p == pid},
+            evicted={t: c for (p, t), c in self.evicted.items() if p == pid},
+            version=part.version,
+            max_staleness=part.max_staleness,
+            admitted=part.admitted,
+            dropped={
+                t: st["dropped_rows"]
+                for t in part.cons
+                if (st := self.sampler.stats(pid, t)).get("dropped_rows")
+            },
         )
 
     def field_specs(self, pid: str) -> dict[str, FieldSpec]:
@@ -703,10 +875,39 @@ class ControllerState:
             return []
         return [part.keys[k] for k in keys if k in part.keys]
 
-    def kv_list(self, pid: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-        """``{partition: {key: tags}}`` for one partition (``{}`` if unknown) or all."""
+    def kv_list(
+        self,
+        pid: str | None = None,
+        where: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None = None,
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{partition: {key: tags}}`` for one partition (``{}`` if unknown) or all; with
+        ``where``, only keys whose tags match (see :meth:`get_meta`)."""
+        match = _tag_filter(where)
         if pid is not None:
             parts = [self._parts[pid]] if pid in self._parts else []
         else:
             parts = list(self._parts.values())
-        return {p.pid: {k: dict(p.tags[r] or {}) for k, r in p.keys.items()} for p in parts}
+        return {
+            p.pid: {
+                k: dict(p.tags[r] or {})
+                for k, r in p.keys.items()
+                if match is None or match(p.tag_view(r), r)
+            }
+            for p in parts
+        }
+
+
+def _tag_filter(
+    where: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None,
+) -> Callable[[Mapping[str, Any], int], bool] | None:
+    """``where`` as a test of a row's tags: equality on each key, or a callable."""
+    if where is None:
+        return None
+    if callable(where):
+        fn = where
+        return lambda tags, row: bool(fn(tags))
+    if not isinstance(where, Mapping) or not all(isinstance(k, str) for k in where):
+        raise TypeError(f"where must be a dict of tag name -> value, or a callable; got {where!r}")
+    wanted = dict(where)
+    missing = object()
+    return lambda tags, row: all(tags.get(k, missing) == v for k, v in wanted.items())
