@@ -84,6 +84,7 @@ def test_a_scrape_before_and_after_work_shows_the_figures_move(metered) -> None:
     assert unit_puts >= 1
     assert sum(_value(after, "transferqueue_unit_bytes", unit=u) for u in ("0", "1")) >= 4 * 8
     assert sum(_value(after, "transferqueue_unit_rows", unit=u) for u in ("0", "1")) == 4
+    assert _value(after, "transferqueue_stored_bytes") >= 4 * 8
     rows = {
         s: _value(after, "transferqueue_partition_rows", partition="m", state=s)
         for s in ("size", "pending", "in_flight", "lost")
@@ -106,6 +107,23 @@ def test_metrics_are_off_by_default_and_the_port_is_checked() -> None:
     try:
         assert metrics.ensure_started(current()) is None
         assert tq.status()["metrics_url"] is None
+    finally:
+        tq.close()
+
+
+def test_the_endpoint_stops_from_async_code_too() -> None:
+    from transferqueue.loop import runtime_loop
+
+    tq.init({"transport": "inproc", "metrics": {"port": 0}})
+    try:
+        system = current()
+        server = metrics.ensure_started(system)
+        assert server is not None and metrics.ensure_started(system) is server  # once
+        assert _value(_scrape(server.url), "transferqueue_up") == 1.0
+        runtime_loop().run(metrics.astop(system))
+        assert metrics.url_of(system) is None
+        with pytest.raises(OSError):
+            urllib.request.urlopen(server.url, timeout=5)
     finally:
         tq.close()
 

@@ -72,6 +72,7 @@ async def test_the_dispatcher_counts_calls_errors_and_latency_per_method() -> No
     assert fail["calls"] == 1 and fail["errors"] == {"KeyError": 1}
     assert unknown["errors"] == {"ActorError": 1}
     assert STATS not in stats["methods"]  # asking does not count
+    assert stats["remote_methods"] == ["echo", "fail"]
 
 
 def test_quantile_interpolates_within_its_bucket() -> None:
@@ -106,6 +107,18 @@ def _snap(t: float, calls: int, buckets: list[int]) -> dict[str, Any]:
         "controller": {"requests": requests},
         "units": [],
     }
+
+
+def test_the_system_wide_capacity_is_shown_where_the_controller_reports_it() -> None:
+    snap = _snap(1.0, 0, [0, 0])
+    assert report(snap)["storage"]["capacity_bytes"] is None
+    snap["controller"]["capacity"] = {"capacity_bytes": 100, "used_bytes": 40, "reserved_bytes": 5}
+    storage = report(snap)["storage"]
+    assert (storage["capacity_bytes"], storage["used_bytes"], storage["reserved_bytes"]) == (
+        100,
+        40,
+        5,
+    )
 
 
 def test_rates_come_from_two_snapshots_or_since_the_start() -> None:
@@ -180,7 +193,15 @@ def test_status_json_reports_a_running_zmq_system_field_by_field(
         concurrent.futures.wait([waiter], timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
-    assert set(data) == {"time", "interval_s", "controller", "metrics_url", "partitions", "units"}
+    assert set(data) == {
+        "time",
+        "interval_s",
+        "controller",
+        "metrics_url",
+        "storage",
+        "partitions",
+        "units",
+    }
     assert data["interval_s"] is None  # --interval 0: rates and p99s since each actor started
 
     (part,) = (p for p in data["partitions"] if p["partition_id"] == pid)
@@ -212,6 +233,7 @@ def test_status_json_reports_a_running_zmq_system_field_by_field(
     assert sum(u["puts"] for u in units) >= 1 and sum(u["gets"] for u in units) >= 1
     assert all(u["puts_per_s"] >= 0 and u["gets_per_s"] >= 0 for u in units)
     assert all(u["capacity_bytes"] is None and u["waiting_puts"] == 0 for u in units)
+    assert data["storage"]["unit_bytes"] == sum(u["nbytes"] for u in units)
 
 
 def test_status_refuses_a_target_that_names_no_running_system(
@@ -294,6 +316,7 @@ def test_tq_status_is_the_same_data_for_the_default_system() -> None:
             "interval_s",
             "controller",
             "metrics_url",
+            "storage",
             "partitions",
             "units",
         }

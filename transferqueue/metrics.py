@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from transferqueue.status import Watcher
     from transferqueue.system import System
 
-__all__ = ["MetricsServer", "ensure_started", "families", "start", "stop", "url_of"]
+__all__ = ["MetricsServer", "astop", "ensure_started", "families", "start", "stop", "url_of"]
 
 log = logging.getLogger("transferqueue.metrics")
 
@@ -125,6 +125,21 @@ def _unit_families(raw: Mapping[str, Any]) -> Iterator[Any]:
         rows.add_metric(unit, sum(int(p.get("rows", 0)) for p in parts))
         waiting.add_metric(unit, stats.get("waiting_puts") or 0)
     yield from (nbytes, cap, rows, waiting)
+    from transferqueue.status import storage_row
+
+    storage = storage_row(raw)
+    stored = GaugeMetricFamily("transferqueue_stored_bytes", "bytes the units hold, summed")
+    stored.add_metric([], storage["unit_bytes"])
+    yield stored
+    for key, text in (
+        ("capacity_bytes", "the system-wide bound (storage.capacity_bytes)"),
+        ("used_bytes", "committed bytes counted against the bound"),
+        ("reserved_bytes", "bytes of puts in flight counted against the bound"),
+    ):
+        if storage[key] is not None:
+            family = GaugeMetricFamily(f"transferqueue_{key}", text)
+            family.add_metric([], storage[key])
+            yield family
 
 
 def _partition_families(raw: Mapping[str, Any]) -> Iterator[Any]:
@@ -204,19 +219,29 @@ class MetricsServer:
         self.url = f"http://{shown}:{bound_port}/metrics"
         log.info("transferqueue metrics at %s", self.url)
 
-    def close(self) -> None:
-        """Stop serving (idempotent)."""
+    def _shutdown_http(self) -> bool:
         server, self._server = self._server, None
         if server is None:
-            return
+            return False
         server.shutdown()
         server.server_close()
         self._thread.join(timeout=5)
+        return True
 
+    def close(self) -> None:
+        """Stop serving (idempotent). From a thread other than the runtime loop's."""
         from transferqueue.loop import runtime_loop
 
-        with contextlib.suppress(Exception):  # the loop may be gone at interpreter exit
-            runtime_loop().run(self._watcher.aclose(), 5)
+        if self._shutdown_http():
+            with contextlib.suppress(Exception):  # the loop may be gone at interpreter exit
+                runtime_loop().run(self._watcher.aclose(), 5)
+
+    async def aclose(self) -> None:
+        """Stop serving (idempotent), from async code (``System.aclose``)."""
+        import asyncio
+
+        if await asyncio.get_running_loop().run_in_executor(None, self._shutdown_http):
+            await self._watcher.aclose()
 
 
 def start(system: System, port: int | None = None, host: str | None = None) -> MetricsServer:
@@ -256,8 +281,16 @@ def url_of(system: Any) -> str | None:
 
 
 def stop(system: Any) -> None:
-    """Stop serving ``system``'s metrics (what ``tq.close()`` calls; idempotent)."""
+    """Stop serving ``system``'s metrics (idempotent); :func:`astop` from async code."""
     with _lock:
         server = _served.pop(system, None)
     if server is not None:
         server.close()
+
+
+async def astop(system: Any) -> None:
+    """Stop serving ``system``'s metrics (what ``System.aclose`` calls; idempotent)."""
+    with _lock:
+        server = _served.pop(system, None)
+    if server is not None:
+        await server.aclose()

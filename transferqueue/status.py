@@ -26,7 +26,7 @@ from transferqueue.errors import ConfigError, PartitionNotFoundError, TransferQu
 from transferqueue.transports._protocol import STATS
 from transferqueue.transports.base import ActorRef, Address
 
-__all__ = ["collect", "partition_row", "quantile", "report", "status"]
+__all__ = ["Watcher", "collect", "partition_row", "quantile", "report", "status", "storage_row"]
 
 #: seconds one status call to an actor may take (a busy actor still answers; a dead one must
 #: not hang the view)
@@ -92,6 +92,9 @@ async def _collect(
 ) -> dict[str, Any]:
     # the counters first: the snapshot's own calls are not in flight in them
     requests = await _call(controller, STATS)
+    capacity = None
+    if "capacity" in (requests.get("remote_methods") or ()):
+        capacity = await _call(controller, "capacity")
     names = await controller.call("list_partitions", timeout=CALL_TIMEOUT_S)
     infos = await asyncio.gather(
         *(controller.call("partition_info", p, timeout=CALL_TIMEOUT_S) for p in names),
@@ -109,7 +112,7 @@ async def _collect(
         "time": time.time(),
         "system": dict(info),
         "partitions": partitions,
-        "controller": {"requests": requests},
+        "controller": {"requests": requests, "capacity": capacity},
         "units": [{"stats": stats, "requests": requests} for requests, stats in unit_results],
     }
 
@@ -237,6 +240,20 @@ def _unit(i: int, now: Mapping[str, Any], before: Mapping[str, Any] | None) -> d
     return unit
 
 
+def storage_row(now: Mapping[str, Any]) -> dict[str, Any]:
+    """The system-wide bytes: the controller's bound and use where it reports them (its
+    ``capacity()``), else None; the bytes the units hold, summed."""
+    cap = now["controller"].get("capacity")
+    cap = cap if isinstance(cap, Mapping) and "error" not in cap else {}
+    held = [u["stats"].get("nbytes") for u in now["units"] if "error" not in u["stats"]]
+    return {
+        "capacity_bytes": cap.get("capacity_bytes"),
+        "used_bytes": cap.get("used_bytes"),
+        "reserved_bytes": cap.get("reserved_bytes"),
+        "unit_bytes": sum(n for n in held if n is not None),
+    }
+
+
 def report(now: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The status dict of raw snapshot ``now`` (rates since ``before``, another raw snapshot
     of the same system, or since each actor started)."""
@@ -258,6 +275,7 @@ def report(now: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> d
             "requests": requests,
         },
         "metrics_url": system.get("metrics_url"),
+        "storage": storage_row(now),
         "partitions": [partition_row(p) for p in now["partitions"]],
         "units": [
             _unit(i, u, old_units[i] if old_units else None) for i, u in enumerate(now["units"])
@@ -377,10 +395,14 @@ def render(data: Mapping[str, Any]) -> Any:
     ctl = data["controller"]
     req = (ctl.get("requests") or {}).get("methods", {})
     everything = req.get("*", {})
+    storage = data.get("storage") or {}
+    cap = storage.get("capacity_bytes")
     head = Text(
         f"transferqueue  controller {ctl.get('address')} (pid {ctl.get('pid')})  "
         f"requests {_rate(everything.get('per_s'))}  p99 {_seconds(everything.get('p99_s'))}  "
-        f"in flight {everything.get('in_flight', '-')}"
+        f"in flight {everything.get('in_flight', '-')}  "
+        f"stored {_bytes(storage.get('unit_bytes'))}"
+        + (f" of {_bytes(cap)}" if cap is not None else "")
         + (f"  metrics {data['metrics_url']}" if data.get("metrics_url") else ""),
         style="bold",
     )

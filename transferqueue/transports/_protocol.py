@@ -270,9 +270,12 @@ class Dispatcher:
 
     async def run(self, envelope: Envelope, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """Call the method of ``envelope`` within its deadline; raises what it raises. Every
-        call is counted in :attr:`stats` (a :data:`STATS` request, which answers them, is not)."""
+        call is counted in :attr:`stats`; a :data:`STATS` request answers them (and the
+        actor's ``remote_methods``, so a watcher asks only what it can answer) uncounted."""
         if envelope.method == STATS:
-            return self.stats.snapshot(type(self.actor).__name__)
+            snapshot = self.stats.snapshot(type(self.actor).__name__)
+            snapshot["remote_methods"] = sorted(self._methods)
+            return snapshot
         counter = self.stats.begin(self._counted_as(envelope.method))
         start = time.perf_counter()
         error: BaseException | None = None
