@@ -199,6 +199,7 @@ def _pending(part: Mapping[str, Any]) -> int:
 
 
 def partition_row(part: Mapping[str, Any]) -> dict[str, Any]:
+    """One partition of the status dict, from a ``PartitionInfo`` as plain data."""
     return {
         "partition_id": part["partition_id"],
         "size": part["size"],
@@ -207,7 +208,7 @@ def partition_row(part: Mapping[str, Any]) -> dict[str, Any]:
         "pending": _pending(part),
         "produced": dict(part.get("produced") or {}),
         "consumed": dict(part.get("consumed") or {}),
-        #: None: the controller does not report consumer leases
+        # None: the controller does not report consumer leases
         "leased": None if part.get("leased") is None else dict(part["leased"]),
         "in_flight": part.get("in_flight", 0),
         "lost": part.get("lost", 0),
