@@ -360,3 +360,19 @@ class Partition:
             extra = np.flatnonzero(self.state[size : self.n] == PENDING) + size
             self.drop(extra.astype(np.int64))
         self.expected_size = size
+
+
+def tag_filter(
+    where: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None,
+) -> Callable[[Mapping[str, Any], int], bool] | None:
+    """``where`` as a test of a row's tags: equality on each key, or a callable."""
+    if where is None:
+        return None
+    if callable(where):
+        fn = where
+        return lambda tags, row: bool(fn(tags))
+    if not isinstance(where, Mapping) or not all(isinstance(k, str) for k in where):
+        raise TypeError(f"where must be a dict of tag name -> value, or a callable; got {where!r}")
+    wanted = dict(where)
+    missing = object()
+    return lambda tags, row: all(tags.get(k, missing) == v for k, v in wanted.items())

@@ -48,14 +48,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from transferqueue.controller import admission
 from transferqueue.controller.delivery import Delivery
-from transferqueue.controller.leases import PutLease, PutLeases, Release
+from transferqueue.controller.leases import PutLeases
 from transferqueue.controller.partition import (
     COMMITTED,
-    DEAD,
     INFLIGHT,
     LOST,
     NO_UNIT,
@@ -65,19 +63,20 @@ from transferqueue.controller.partition import (
     check_tags,
     live_mask,
     rows_array,
+    tag_filter,
 )
 from transferqueue.controller.placement import Capacity, Placement
+from transferqueue.controller.puts import PutsAndBytes
 from transferqueue.controller.samplers import CONTEXT_KEYS, BaseSampler, resolve_sampler
+from transferqueue.controller.status_queries import StatusQueries
 from transferqueue.errors import (
     ConfigError,
     PartitionNotFoundError,
     PartitionSealedError,
-    PutLeaseExpiredError,
-    RowsLostError,
     SamplerError,
     SchemaError,
 )
-from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.metadata import BatchMeta
 
 __all__ = ["ControllerState", "FieldSpec", "parse_pre_allocate"]
 
@@ -102,7 +101,7 @@ def parse_pre_allocate(value: str | int, name: str = "TQ_PRE_ALLOC_SAMPLE_NUM") 
     return number
 
 
-class ControllerState:
+class ControllerState(PutsAndBytes, StatusQueries):
     """Every partition of one controller. See the module docstring for the rules."""
 
     def __init__(
@@ -320,234 +319,6 @@ class ControllerState:
         part.state[arr] = COMMITTED
         part.merge_tags(arr, checked)
 
-    # ------------------------------------------------------------ puts under a lease
-    def begin_put(
-        self,
-        pid: str,
-        specs: Mapping[str, Any],
-        *,
-        now: float,
-        n: int = 0,
-        rows: Sequence[int] | None = None,
-        keys: Sequence[str] | None = None,
-        tags: Sequence[Mapping[str, Any] | None] | None = None,
-        nbytes: int = 0,
-        client: str = "",
-    ) -> PutLease:
-        """Validate a put up front (specs, tags, keys, capacity) and give it rows under a
-        lease that ends at ``now + put_lease_s``: ``rows`` (existing rows), ``keys`` (their
-        rows, new keys allocated) or ``n`` new rows. Raises before anything changes."""
-        checked = self._check_specs(pid, specs)
-        count = len(rows) if rows is not None else len(keys) if keys is not None else n
-        checked_tags = check_tags(tags, count) if tags is not None else None
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-        self.capacity.check(nbytes)
-        if rows is not None:
-            part = self._get(pid)
-            got = rows_array(rows)
-            reserved = self._reserved(part, got)
-            part.check_rows(got[~reserved], "write")
-            if reserved.any() and len(np.unique(got)) != len(got):
-                raise ValueError(f"cannot write: rows repeat in {got.tolist()[:16]}")
-            fresh = slots = got[reserved]  # a put into its reservation fills those slots
-            part.state[slots] = INFLIGHT
-            part.n_pending -= len(slots)
-        else:
-            part = self._ensure(pid)
-            pending_before = part.state[: part.n] == PENDING
-            if keys is not None:
-                got_list, is_new = self.upsert_keys(pid, keys)
-                got = np.array(got_list, dtype=np.int64)
-                fresh = got[np.array(is_new, dtype=bool)] if len(got) else got
-            else:
-                got = fresh = np.array(self.allocate(pid, n), dtype=np.int64)
-            was_pending = fresh < len(pending_before)
-            was_pending[was_pending] = pending_before[fresh[was_pending]]
-            slots = fresh[was_pending]
-        if len(fresh):
-            units, part.next_unit = self.placement.assign(part.next_unit, len(fresh))
-            part.unit[fresh] = units
-        lease = PutLease(
-            lease=self.leases.new_id(),
-            pid=pid,
-            generation=part.generation,
-            rows=got,
-            fresh=fresh,
-            slots=slots,
-            units=part.unit[got].astype(np.int64),
-            specs=checked,
-            tags=checked_tags,
-            nbytes=nbytes,
-            deadline=now + self.put_lease_s,
-            client=client,
-        )
-        self.capacity.reserve(nbytes)
-        self.leases.add(lease)
-        return lease
-
-    @staticmethod
-    def _reserved(part: Partition, rows: np.ndarray) -> np.ndarray:
-        """Which of ``rows`` are reserved slots (``reserve``) waiting for their put."""
-        if not len(rows) or rows.min() < 0 or rows.max() >= part.n:
-            return np.zeros(len(rows), dtype=bool)
-        return (part.state[rows] == PENDING) & (part.row_version[rows] >= 0)
-
-    def _check_specs(self, pid: str, specs: Mapping[str, Any]) -> dict[str, FieldSpec]:
-        """Field specs of a put, checked against what the partition holds."""
-        if not isinstance(specs, Mapping):
-            raise TypeError(f"field specs must be a dict of name -> spec, got {specs!r}")
-        part = self._parts.get(pid)
-        out = {}
-        for name, raw in specs.items():
-            if not isinstance(name, str):
-                raise TypeError(f"field names must be str, got {name!r}")
-            spec = out[name] = FieldSpec.from_plain(raw)
-            old = part.specs.get(name) if part is not None else None
-            if old is not None and old != spec:
-                raise SchemaError(
-                    f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
-                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
-                )
-        return out
-
-    def _live_lease(self, lease_id: int) -> PutLease:
-        lease = self.leases.get(lease_id)
-        if lease is None:
-            raise PutLeaseExpiredError(
-                f"put lease {lease_id} has ended (it expired after controller.put_lease_s = "
-                f"{self.put_lease_s} s, or was aborted): its rows were released; put again"
-            )
-        return lease
-
-    def commit_put(self, lease_id: int, net_bytes: int = 0) -> BatchMeta:
-        """Publish the rows of a live lease: fields and tags become visible in one step.
-        On error nothing is published and the lease stays (the caller releases it)."""
-        lease = self._live_lease(lease_id)
-        part = self._parts.get(lease.pid)
-        if part is None or part.generation != lease.generation:
-            raise PartitionNotFoundError(
-                f"partition {lease.pid!r} was cleared while the put was writing"
-            )
-        st = part.state[lease.rows]
-        if (st == LOST).any():
-            lost = lease.rows[st == LOST].tolist()
-            raise RowsLostError(
-                f"rows {lost[:16]} of partition {lease.pid!r} were lost while the put was "
-                f"writing (their storage unit died); put them again"
-            )
-        self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
-        self.leases.pop(lease_id)
-        self.capacity.settle(lease.nbytes, net_bytes)
-        return self.meta_of(lease.pid, lease.rows, list(lease.specs))
-
-    def end_lease(self, lease_id: int, reason: str = "aborted") -> Release | None:
-        """End a live lease without publishing; ``None`` if it already ended (a commit
-        whose reply was lost stays committed). Its fresh rows stay in flight until
-        :meth:`finish_release`, after their bytes are cleared from the units."""
-        lease = self.leases.pop(lease_id)
-        return None if lease is None else self._release_of(lease, reason)
-
-    def _release_of(self, lease: PutLease, reason: str) -> Release:
-        self.capacity.settle(lease.nbytes, 0)
-        fresh = np.isin(lease.rows, lease.fresh)
-        rows, units = lease.rows[fresh], lease.units[fresh]
-        part = self._parts.get(lease.pid)
-        if part is not None and part.generation == lease.generation and len(rows):
-            mine = part.state[rows] == INFLIGHT  # not cleared or lost meanwhile
-            rows, units = rows[mine], units[mine]
-        elif part is not None:  # cleared and created again: these row ids may be reused
-            rows, units = rows[:0], units[:0]
-        return Release(lease.pid, lease.generation, rows, units, lease.slots, reason)
-
-    def expire(self, now: float) -> list[Release]:
-        """End every lease whose deadline passed."""
-        return [self._release_of(lease, "expired") for lease in self.leases.expired(now)]
-
-    def finish_release(self, rel: Release) -> list[int]:
-        """The bytes of ``rel`` are gone: slots go back to pending, other rows are dropped
-        (reusable). Returns the rows released."""
-        part = self._parts.get(rel.pid)
-        if part is None or part.generation != rel.generation or not len(rel.rows):
-            return []
-        rows = rel.rows[part.state[rel.rows] == INFLIGHT]
-        part.unit[rows] = NO_UNIT
-        self.release(rel.pid, rows, rel.slots)
-        return rows.tolist()
-
-    # ------------------------------------------------------------ bytes on units
-    def drop_rows(self, pid: str, rows: Sequence[int]) -> dict[int, list[int]]:
-        """Drop ``rows`` (as :meth:`clear_samples`); returns ``{unit: rows}`` whose bytes
-        must be cleared before the rows are :meth:`recycle`-d."""
-        part = self._parts.get(pid)
-        if part is None:
-            return {}
-        arr = rows_array(rows)
-        arr = np.unique(arr[(arr >= 0) & (arr < part.n)])
-        lost = arr[part.state[arr] == LOST]
-        part.unit[lost] = NO_UNIT  # their bytes died with their unit
-        part.drop(arr)
-        held = arr[(part.state[arr] == DEAD) & (part.unit[arr] >= 0)]
-        out: dict[int, list[int]] = {}
-        for r, u in zip(held.tolist(), part.unit[held].tolist()):
-            out.setdefault(int(u), []).append(r)
-        return out
-
-    def recycle(self, pid: str, generation: int, rows: Sequence[int]) -> None:
-        """The bytes of dropped ``rows`` are gone from the units: the rows may be reused."""
-        part = self._parts.get(pid)
-        if part is not None and part.generation == generation:
-            part.recycle(rows_array(rows))
-
-    def mark_unit_dead(self, unit: int) -> dict[str, int]:
-        """Storage unit ``unit`` died: rows whose bytes lived there are lost (counted in
-        ``partition_info``, no longer ready, not waited for); it gets no new rows.
-        Returns the rows lost per partition."""
-        if unit in self.placement.dead or not 0 <= unit < self.placement.num_units:
-            return {}
-        self.placement.dead.add(unit)
-        out = {}
-        for part in self._parts.values():
-            on_unit = part.unit[: part.n] == unit
-            st = part.state[: part.n]
-            lost = np.flatnonzero(on_unit & ((st == INFLIGHT) | (st == COMMITTED)))
-            gone = np.flatnonzero(on_unit & (st == DEAD))
-            part.unit[gone] = NO_UNIT
-            part.recycle(gone)
-            if len(lost):
-                part.state[lost] = LOST
-                for bits in (*part.prod.values(), *part.cons.values()):
-                    bits[lost] = False  # counts are of live rows
-                out[part.pid] = len(lost)
-        return out
-
-    def locate(self, pid: str, rows: Sequence[int]) -> list[int]:
-        """The unit holding each of ``rows`` (for a BatchMeta built without placement).
-        Raises :class:`RowsLostError` for lost rows, ``ValueError`` for rows without bytes."""
-        part = self._get(pid)
-        arr = rows_array(rows)
-        if len(arr) and (arr.min() < 0 or arr.max() >= part.n):
-            raise ValueError(f"rows {arr.tolist()[:16]} are not rows of partition {pid!r}")
-        st = part.state[arr]
-        if (st == LOST).any():
-            raise self.lost_error(pid, arr[st == LOST].tolist())
-        units = part.unit[arr]
-        if (units < 0).any():
-            bad = arr[units < 0].tolist()
-            raise ValueError(
-                f"rows {bad[:16]} of partition {pid!r} hold no data (pending, dropped or unknown)"
-            )
-        return units.astype(np.int64).tolist()
-
-    @staticmethod
-    def lost_error(pid: str, rows: Sequence[int]) -> RowsLostError:
-        return RowsLostError(
-            f"rows {list(rows)[:32]} of partition {pid!r} are lost: the storage unit that held "
-            f"their bytes died; clear them and put them again",
-            pid,
-            list(rows),
-        )
-
     def set_tags(self, pid: str, rows: Sequence[int], tags: Sequence[Mapping[str, Any]]) -> None:
         """Merge ``tags`` (one dict per row) into the tags of ``rows``."""
         part = self._get(pid)
@@ -589,7 +360,7 @@ class ControllerState:
         reserved = sorted(CONTEXT_KEYS & set(cfg))
         if reserved:
             raise SamplerError(f"sampling_config may not set {reserved}: the controller does")
-        by_tags = _tag_filter(where)
+        by_tags = tag_filter(where)
         part = self._ensure(pid)
         tests: list[Callable[[Mapping[str, Any], int], bool]] = []
         if by_tags is not None:
@@ -789,125 +560,3 @@ class ControllerState:
         arr = rows_array(rows)
         part.check_rows(arr, "read")
         return [f for f, col in part.prod.items() if bool(col[arr].all())]
-
-    # ------------------------------------------------------------ status
-    def check_consumption_status(self, task: str, pid: str) -> bool:
-        """True exactly when ``pid`` is exhausted for ``task``."""
-        return self._get(pid).exhausted(task)
-
-    def check_production_status(self, fields: Sequence[str], pid: str) -> bool:
-        """True when every live row (pending slots included) has every field of ``fields``."""
-        _, status = self._production(self._get(pid), fields)
-        return bool(status.all())
-
-    def get_consumption_status(self, task: str, pid: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live rows (pending slots included, int64) and whether ``task`` consumed each."""
-        part = self._get(pid)
-        rows = part.live_rows()
-        cons = part.cons.get(task)
-        status = cons[rows] if cons is not None else np.zeros(len(rows), dtype=bool)
-        return torch.from_numpy(rows), torch.from_numpy(np.ascontiguousarray(status))
-
-    def get_production_status(
-        self, fields: Sequence[str], pid: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live rows (int64) and a bool matrix (rows x fields): which cells are produced."""
-        rows, status = self._production(self._get(pid), fields)
-        return torch.from_numpy(rows), torch.from_numpy(status)
-
-    def _production(self, part: Partition, fields: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        fields = [fields] if isinstance(fields, str) else list(fields)
-        rows = part.live_rows()
-        status = np.zeros((len(rows), len(fields)), dtype=bool)
-        for j, f in enumerate(fields):
-            if f in part.prod:
-                status[:, j] = part.prod[f][rows]
-        return rows, status
-
-    def partition_info(self, pid: str) -> PartitionInfo:
-        part = self._get(pid)
-        n = part.n
-        return PartitionInfo(
-            partition_id=pid,
-            size=int(np.count_nonzero(part.live())),
-            expected_size=part.expected_size,
-            sealed=part.sealed,
-            produced={f: int(np.count_nonzero(a[:n])) for f, a in part.prod.items()},
-            consumed={t: int(np.count_nonzero(a[:n])) for t, a in part.cons.items()},
-            in_flight=self.leases.in_flight(pid),
-            lost=int(np.count_nonzero(part.state[:n] == LOST)),
-            leased=self.delivery.leased_counts(part),
-            redelivered={t: c for (p, t), c in self.delivery.redelivered.items() if p == pid},
-            evicted={t: c for (p, t), c in self.evicted.items() if p == pid},
-            version=part.version,
-            max_staleness=part.max_staleness,
-            admitted=part.admitted,
-            dropped={
-                t: st["dropped_rows"]
-                for t in part.cons
-                if (st := self.sampler.stats(pid, t)).get("dropped_rows")
-            },
-        )
-
-    def field_specs(self, pid: str) -> dict[str, FieldSpec]:
-        return dict(self._get(pid).specs)
-
-    def memory_bytes(self, pid: str | None = None) -> int:
-        """Bytes held by the status arrays (plus one pointer per row for tags)."""
-        parts = self._parts.values() if pid is None else [self._get(pid)]
-        return sum(p.nbytes() for p in parts)
-
-    # ------------------------------------------------------------ keys
-    def rows_for_keys(self, pid: str, keys: Sequence[str]) -> list[int]:
-        """The rows of ``keys``; ``KeyError`` naming every missing key."""
-        part = self._get(pid)
-        missing = [k for k in keys if k not in part.keys]
-        if missing:
-            raise KeyError(f"keys not found in partition {pid!r}: {missing}")
-        return [part.keys[k] for k in keys]
-
-    def rows_of_present_keys(self, pid: str, keys: Sequence[str]) -> list[int]:
-        """The rows of those ``keys`` that exist ([] for an unknown partition)."""
-        if isinstance(keys, str):
-            raise TypeError("keys must be a list of str, got one str")
-        part = self._parts.get(pid)
-        if part is None:
-            return []
-        return [part.keys[k] for k in keys if k in part.keys]
-
-    def kv_list(
-        self,
-        pid: str | None = None,
-        where: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None = None,
-    ) -> dict[str, dict[str, dict[str, Any]]]:
-        """``{partition: {key: tags}}`` for one partition (``{}`` if unknown) or all; with
-        ``where``, only keys whose tags match (see :meth:`get_meta`)."""
-        match = _tag_filter(where)
-        if pid is not None:
-            parts = [self._parts[pid]] if pid in self._parts else []
-        else:
-            parts = list(self._parts.values())
-        return {
-            p.pid: {
-                k: dict(p.tags[r] or {})
-                for k, r in p.keys.items()
-                if match is None or match(p.tag_view(r), r)
-            }
-            for p in parts
-        }
-
-
-def _tag_filter(
-    where: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None,
-) -> Callable[[Mapping[str, Any], int], bool] | None:
-    """``where`` as a test of a row's tags: equality on each key, or a callable."""
-    if where is None:
-        return None
-    if callable(where):
-        fn = where
-        return lambda tags, row: bool(fn(tags))
-    if not isinstance(where, Mapping) or not all(isinstance(k, str) for k in where):
-        raise TypeError(f"where must be a dict of tag name -> value, or a callable; got {where!r}")
-    wanted = dict(where)
-    missing = object()
-    return lambda tags, row: all(tags.get(k, missing) == v for k, v in wanted.items())

@@ -1,0 +1,286 @@
+"""Puts under a lease and the bytes on the units: the part of :class:`ControllerState`
+that admits, publishes and releases puts, and follows rows' bytes onto the units (pure; no
+I/O). See :mod:`.leases` for the life of a put lease and :mod:`.placement` for where rows go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from transferqueue.controller.leases import PutLease, PutLeases, Release
+from transferqueue.controller.partition import (
+    COMMITTED,
+    DEAD,
+    INFLIGHT,
+    LOST,
+    NO_UNIT,
+    PENDING,
+    FieldSpec,
+    Partition,
+    check_tags,
+    rows_array,
+)
+from transferqueue.controller.placement import Capacity, Placement
+from transferqueue.errors import (
+    PartitionNotFoundError,
+    PutLeaseExpiredError,
+    RowsLostError,
+    SchemaError,
+)
+from transferqueue.metadata import BatchMeta
+
+__all__ = ["PutsAndBytes"]
+
+
+class PutsAndBytes:
+    """Mixed into :class:`~transferqueue.controller.state.ControllerState`."""
+
+    if TYPE_CHECKING:
+        _parts: dict[str, Partition]
+        placement: Placement
+        capacity: Capacity
+        leases: PutLeases
+        put_lease_s: float
+
+        def _get(self, pid: str) -> Partition: ...
+        def _ensure(self, pid: str) -> Partition: ...
+        def allocate(self, pid: str, n: int, keys: Sequence[str] | None = None) -> list[int]: ...
+        def upsert_keys(self, pid: str, keys: Sequence[str]) -> tuple[list[int], list[bool]]: ...
+        def release(self, pid: str, rows: Any, slots: Any = None) -> None: ...
+        def commit(
+            self, pid: str, rows: Any, fields: Mapping[str, Any], tags: Any = None
+        ) -> None: ...
+        def meta_of(
+            self, pid: str, rows: Any, fields: Sequence[str], check: bool = True
+        ) -> BatchMeta: ...
+
+    # ------------------------------------------------------------ puts under a lease
+    def begin_put(
+        self,
+        pid: str,
+        specs: Mapping[str, Any],
+        *,
+        now: float,
+        n: int = 0,
+        rows: Sequence[int] | None = None,
+        keys: Sequence[str] | None = None,
+        tags: Sequence[Mapping[str, Any] | None] | None = None,
+        nbytes: int = 0,
+        client: str = "",
+    ) -> PutLease:
+        """Validate a put up front (specs, tags, keys, capacity) and give it rows under a
+        lease that ends at ``now + put_lease_s``: ``rows`` (existing rows), ``keys`` (their
+        rows, new keys allocated) or ``n`` new rows. Raises before anything changes."""
+        checked = self._check_specs(pid, specs)
+        count = len(rows) if rows is not None else len(keys) if keys is not None else n
+        checked_tags = check_tags(tags, count) if tags is not None else None
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+        self.capacity.check(nbytes)
+        if rows is not None:
+            part = self._get(pid)
+            got = rows_array(rows)
+            reserved = self._reserved(part, got)
+            part.check_rows(got[~reserved], "write")
+            if reserved.any() and len(np.unique(got)) != len(got):
+                raise ValueError(f"cannot write: rows repeat in {got.tolist()[:16]}")
+            fresh = slots = got[reserved]  # a put into its reservation fills those slots
+            part.state[slots] = INFLIGHT
+            part.n_pending -= len(slots)
+        else:
+            part = self._ensure(pid)
+            pending_before = part.state[: part.n] == PENDING
+            if keys is not None:
+                got_list, is_new = self.upsert_keys(pid, keys)
+                got = np.array(got_list, dtype=np.int64)
+                fresh = got[np.array(is_new, dtype=bool)] if len(got) else got
+            else:
+                got = fresh = np.array(self.allocate(pid, n), dtype=np.int64)
+            was_pending = fresh < len(pending_before)
+            was_pending[was_pending] = pending_before[fresh[was_pending]]
+            slots = fresh[was_pending]
+        if len(fresh):
+            units, part.next_unit = self.placement.assign(part.next_unit, len(fresh))
+            part.unit[fresh] = units
+        lease = PutLease(
+            lease=self.leases.new_id(),
+            pid=pid,
+            generation=part.generation,
+            rows=got,
+            fresh=fresh,
+            slots=slots,
+            units=part.unit[got].astype(np.int64),
+            specs=checked,
+            tags=checked_tags,
+            nbytes=nbytes,
+            deadline=now + self.put_lease_s,
+            client=client,
+        )
+        self.capacity.reserve(nbytes)
+        self.leases.add(lease)
+        return lease
+
+    @staticmethod
+    def _reserved(part: Partition, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` are reserved slots (``reserve``) waiting for their put."""
+        if not len(rows) or rows.min() < 0 or rows.max() >= part.n:
+            return np.zeros(len(rows), dtype=bool)
+        return (part.state[rows] == PENDING) & (part.row_version[rows] >= 0)
+
+    def _check_specs(self, pid: str, specs: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        """Field specs of a put, checked against what the partition holds."""
+        if not isinstance(specs, Mapping):
+            raise TypeError(f"field specs must be a dict of name -> spec, got {specs!r}")
+        part = self._parts.get(pid)
+        out = {}
+        for name, raw in specs.items():
+            if not isinstance(name, str):
+                raise TypeError(f"field names must be str, got {name!r}")
+            spec = out[name] = FieldSpec.from_plain(raw)
+            old = part.specs.get(name) if part is not None else None
+            if old is not None and old != spec:
+                raise SchemaError(
+                    f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
+                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
+                )
+        return out
+
+    def _live_lease(self, lease_id: int) -> PutLease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise PutLeaseExpiredError(
+                f"put lease {lease_id} has ended (it expired after controller.put_lease_s = "
+                f"{self.put_lease_s} s, or was aborted): its rows were released; put again"
+            )
+        return lease
+
+    def commit_put(self, lease_id: int, net_bytes: int = 0) -> BatchMeta:
+        """Publish the rows of a live lease: fields and tags become visible in one step.
+        On error nothing is published and the lease stays (the caller releases it)."""
+        lease = self._live_lease(lease_id)
+        part = self._parts.get(lease.pid)
+        if part is None or part.generation != lease.generation:
+            raise PartitionNotFoundError(
+                f"partition {lease.pid!r} was cleared while the put was writing"
+            )
+        st = part.state[lease.rows]
+        if (st == LOST).any():
+            lost = lease.rows[st == LOST].tolist()
+            raise RowsLostError(
+                f"rows {lost[:16]} of partition {lease.pid!r} were lost while the put was "
+                f"writing (their storage unit died); put them again"
+            )
+        self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
+        self.leases.pop(lease_id)
+        self.capacity.settle(lease.nbytes, net_bytes)
+        return self.meta_of(lease.pid, lease.rows, list(lease.specs))
+
+    def end_lease(self, lease_id: int, reason: str = "aborted") -> Release | None:
+        """End a live lease without publishing; ``None`` if it already ended (a commit
+        whose reply was lost stays committed). Its fresh rows stay in flight until
+        :meth:`finish_release`, after their bytes are cleared from the units."""
+        lease = self.leases.pop(lease_id)
+        return None if lease is None else self._release_of(lease, reason)
+
+    def _release_of(self, lease: PutLease, reason: str) -> Release:
+        self.capacity.settle(lease.nbytes, 0)
+        fresh = np.isin(lease.rows, lease.fresh)
+        rows, units = lease.rows[fresh], lease.units[fresh]
+        part = self._parts.get(lease.pid)
+        if part is not None and part.generation == lease.generation and len(rows):
+            mine = part.state[rows] == INFLIGHT  # not cleared or lost meanwhile
+            rows, units = rows[mine], units[mine]
+        elif part is not None:  # cleared and created again: these row ids may be reused
+            rows, units = rows[:0], units[:0]
+        return Release(lease.pid, lease.generation, rows, units, lease.slots, reason)
+
+    def expire(self, now: float) -> list[Release]:
+        """End every lease whose deadline passed."""
+        return [self._release_of(lease, "expired") for lease in self.leases.expired(now)]
+
+    def finish_release(self, rel: Release) -> list[int]:
+        """The bytes of ``rel`` are gone: slots go back to pending, other rows are dropped
+        (reusable). Returns the rows released."""
+        part = self._parts.get(rel.pid)
+        if part is None or part.generation != rel.generation or not len(rel.rows):
+            return []
+        rows = rel.rows[part.state[rel.rows] == INFLIGHT]
+        part.unit[rows] = NO_UNIT
+        self.release(rel.pid, rows, rel.slots)
+        return rows.tolist()
+
+    # ------------------------------------------------------------ bytes on units
+    def drop_rows(self, pid: str, rows: Sequence[int]) -> dict[int, list[int]]:
+        """Drop ``rows`` (as :meth:`clear_samples`); returns ``{unit: rows}`` whose bytes
+        must be cleared before the rows are :meth:`recycle`-d."""
+        part = self._parts.get(pid)
+        if part is None:
+            return {}
+        arr = rows_array(rows)
+        arr = np.unique(arr[(arr >= 0) & (arr < part.n)])
+        lost = arr[part.state[arr] == LOST]
+        part.unit[lost] = NO_UNIT  # their bytes died with their unit
+        part.drop(arr)
+        held = arr[(part.state[arr] == DEAD) & (part.unit[arr] >= 0)]
+        out: dict[int, list[int]] = {}
+        for r, u in zip(held.tolist(), part.unit[held].tolist()):
+            out.setdefault(int(u), []).append(r)
+        return out
+
+    def recycle(self, pid: str, generation: int, rows: Sequence[int]) -> None:
+        """The bytes of dropped ``rows`` are gone from the units: the rows may be reused."""
+        part = self._parts.get(pid)
+        if part is not None and part.generation == generation:
+            part.recycle(rows_array(rows))
+
+    def mark_unit_dead(self, unit: int) -> dict[str, int]:
+        """Storage unit ``unit`` died: rows whose bytes lived there are lost (counted in
+        ``partition_info``, no longer ready, not waited for); it gets no new rows.
+        Returns the rows lost per partition."""
+        if unit in self.placement.dead or not 0 <= unit < self.placement.num_units:
+            return {}
+        self.placement.dead.add(unit)
+        out = {}
+        for part in self._parts.values():
+            on_unit = part.unit[: part.n] == unit
+            st = part.state[: part.n]
+            lost = np.flatnonzero(on_unit & ((st == INFLIGHT) | (st == COMMITTED)))
+            gone = np.flatnonzero(on_unit & (st == DEAD))
+            part.unit[gone] = NO_UNIT
+            part.recycle(gone)
+            if len(lost):
+                part.state[lost] = LOST
+                for bits in (*part.prod.values(), *part.cons.values()):
+                    bits[lost] = False  # counts are of live rows
+                out[part.pid] = len(lost)
+        return out
+
+    def locate(self, pid: str, rows: Sequence[int]) -> list[int]:
+        """The unit holding each of ``rows`` (for a BatchMeta built without placement).
+        Raises :class:`RowsLostError` for lost rows, ``ValueError`` for rows without bytes."""
+        part = self._get(pid)
+        arr = rows_array(rows)
+        if len(arr) and (arr.min() < 0 or arr.max() >= part.n):
+            raise ValueError(f"rows {arr.tolist()[:16]} are not rows of partition {pid!r}")
+        st = part.state[arr]
+        if (st == LOST).any():
+            raise self.lost_error(pid, arr[st == LOST].tolist())
+        units = part.unit[arr]
+        if (units < 0).any():
+            bad = arr[units < 0].tolist()
+            raise ValueError(
+                f"rows {bad[:16]} of partition {pid!r} hold no data (pending, dropped or unknown)"
+            )
+        return units.astype(np.int64).tolist()
+
+    @staticmethod
+    def lost_error(pid: str, rows: Sequence[int]) -> RowsLostError:
+        return RowsLostError(
+            f"rows {list(rows)[:32]} of partition {pid!r} are lost: the storage unit that held "
+            f"their bytes died; clear them and put them again",
+            pid,
+            list(rows),
+        )
