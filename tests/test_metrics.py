@@ -39,12 +39,11 @@ def metered():
     """The default system (inproc) with metrics on an OS-chosen loopback port."""
     tq.init({"transport": "inproc", "metrics": {"port": 0}})
     try:
-        server = metrics.ensure_started(current())  # tq.init does it where it is wired in
-        assert server is not None
-        yield server
+        server = metrics.url_of(current())
+        assert server is not None, "tq.init starts the endpoint when metrics.port is set"
+        yield metrics.ensure_started(current())  # the one tq.init started
     finally:
-        metrics.stop(current())
-        tq.close()
+        tq.close()  # stops the endpoint too
 
 
 def test_a_scrape_before_and_after_work_shows_the_figures_move(metered) -> None:

@@ -232,6 +232,8 @@ class PartitionInfo:
     produced: dict[str, int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)
+    #: pending slots: reserved rows no put has filled yet
+    pending: int = 0
     #: rows allocated by puts that have not committed yet (under a put lease)
     in_flight: int = 0
     #: rows whose bytes lived on a storage unit that died (not counted in ``size``)
@@ -263,6 +265,7 @@ class PartitionInfo:
             "produced": dict(self.produced),
             "consumed": dict(self.consumed),
             "waiting": dict(self.waiting),
+            "pending": self.pending,
             "in_flight": self.in_flight,
             "lost": self.lost,
             "leased": dict(self.leased),
@@ -286,6 +289,7 @@ class PartitionInfo:
             produced=dict(plain.get("produced", {})),
             consumed=dict(plain.get("consumed", {})),
             waiting=dict(plain.get("waiting", {})),
+            pending=int(plain.get("pending", 0)),
             in_flight=int(plain.get("in_flight", 0)),
             lost=int(plain.get("lost", 0)),
             leased=dict(plain.get("leased", {})),

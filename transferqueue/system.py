@@ -52,6 +52,9 @@ class System:
         return bool(self.handles)
 
     async def aclose(self) -> None:
+        from transferqueue import metrics
+
+        await metrics.astop(self)
         await self.async_client.close()
         # the controller first: it watches the units, and they going away is no fault then
         if self.handles:
@@ -170,7 +173,15 @@ def init(config: Config | Any = None) -> Config:
         if cfg.system is not None:
             _default = attach_system(cfg)
         else:
-            _default = runtime_loop().run(start_system(cfg))
+            started = runtime_loop().run(start_system(cfg))
+            try:  # metrics.port set: this process serves the system's scrape endpoint
+                from transferqueue import metrics
+
+                metrics.ensure_started(started)
+            except BaseException:
+                runtime_loop().run(started.aclose())
+                raise
+            _default = started
         return _default.config
 
 

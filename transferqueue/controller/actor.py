@@ -131,6 +131,15 @@ class ControllerActor:
     async def system_info(self) -> dict[str, Any]:
         return self._system
 
+    async def capacity(self) -> dict[str, Any]:
+        """The system-wide byte accounting: bound, committed bytes, bytes being written."""
+        cap = self._state.capacity
+        return {
+            "capacity_bytes": cap.capacity_bytes,
+            "used_bytes": cap.used,
+            "reserved_bytes": cap.reserved,
+        }
+
     async def process_id(self) -> int:
         """The controller's process id (operators and fault tests kill it)."""
         return os.getpid()

@@ -11,7 +11,7 @@ import torch
 
 from transferqueue.controller.delivery import Delivery
 from transferqueue.controller.leases import PutLeases
-from transferqueue.controller.partition import LOST, FieldSpec, Partition, tag_filter
+from transferqueue.controller.partition import LOST, PENDING, FieldSpec, Partition, tag_filter
 from transferqueue.controller.samplers import BaseSampler
 from transferqueue.metadata import PartitionInfo
 
@@ -76,6 +76,7 @@ class StatusQueries:
             consumed={t: int(np.count_nonzero(a[:n])) for t, a in part.cons.items()},
             in_flight=self.leases.in_flight(pid),
             lost=int(np.count_nonzero(part.state[:n] == LOST)),
+            pending=int(np.count_nonzero(part.state[:n] == PENDING)),
             leased=self.delivery.leased_counts(part),
             redelivered={t: c for (p, t), c in self.delivery.redelivered.items() if p == pid},
             evicted={t: c for (p, t), c in self.evicted.items() if p == pid},
