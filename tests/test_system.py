@@ -199,6 +199,35 @@ def test_capacity_is_a_system_wide_bound_and_small_puts_use_every_unit(base_conf
         runtime_loop().run(system.aclose())
 
 
+def test_a_failed_put_gives_back_its_reservation_and_nothing_else(base_config, pid) -> None:
+    mib = 1 << 20
+    config = load_config(
+        own_namespace(base_config, storage={"units": 2, "capacity_bytes": 4 * mib})
+    )
+    system = runtime_loop().run(start_system(config))
+    try:
+        client, ctrl = system.client, system.async_client._controller
+        client.put({"x": torch.zeros(1, mib, dtype=torch.uint8)}, partition_id=pid)
+        writer = system.new_async_client()
+
+        async def fail(point: str) -> None:
+            if point == "written":  # its bytes are on a unit: the abort clears them
+                raise RuntimeError("the writer gave up")
+
+        writer.put_hook = fail
+        with pytest.raises(RuntimeError, match="gave up"):
+            runtime_loop().run(
+                writer.put({"x": torch.zeros(1, mib, dtype=torch.uint8)}, partition_id=pid)
+            )
+        held = runtime_loop().run(ctrl.call("capacity"))
+        assert (held["used_bytes"], held["reserved_bytes"]) == (mib, 0)
+        stats = [runtime_loop().run(u.call("stats")) for u in system.async_client._units]
+        assert sum(s["nbytes"] for s in stats) == mib
+        runtime_loop().run(writer.close())
+    finally:
+        runtime_loop().run(system.aclose())
+
+
 def test_a_sync_client_keeps_working_in_a_forked_child(system, client, transport_name, pid) -> None:
     client.put({"a": torch.arange(3)}, partition_id=pid)
     ctx = multiprocessing.get_context("fork")

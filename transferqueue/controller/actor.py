@@ -187,16 +187,19 @@ class ControllerActor:
     def _alive_units(self) -> list[int]:
         return self._state.placement.alive() if self._units else []
 
-    async def _on_units(self, calls: Mapping[int, tuple[Any, ...]]) -> None:
-        """Run one call per unit (``{unit: (method, *args)}``), in parallel; freed bytes go
-        back to the capacity. A dead unit is marked so; other failures are logged."""
+    async def _on_units(self, calls: Mapping[int, tuple[Any, ...]], committed: bool = True) -> None:
+        """Run one call per unit (``{unit: (method, *args)}``), in parallel; the bytes they
+        free go back to the capacity (``committed``: they were counted as stored -- not so
+        for a released put, whose reservation already went). A dead unit is marked so;
+        other failures are logged."""
         items = [(u, c) for u, c in calls.items() if u < len(self._units)]
         results = await asyncio.gather(
             *(self._units[u].call(c[0], *c[1:]) for u, c in items), return_exceptions=True
         )
         for (unit, call), result in zip(items, results):
             if isinstance(result, int):
-                self._state.capacity.freed(result)
+                if committed:
+                    self._state.capacity.freed(result)
             elif isinstance(result, ActorDiedError):
                 self._unit_died(unit)
             elif isinstance(result, BaseException):
@@ -280,7 +283,8 @@ class ControllerActor:
     async def _drain(self, rel: Release) -> list[int]:
         """Clear the bytes of released rows from their units, then give the rows back."""
         groups = rel.by_unit()
-        await self._on_units({u: ("clear_rows", rel.pid, rows) for u, rows in groups.items()})
+        calls = {u: ("clear_rows", rel.pid, rows) for u, rows in groups.items()}
+        await self._on_units(calls, committed=False)
         released = self._state.finish_release(rel)
         self._changed(rel.pid)
         return released
