@@ -19,6 +19,9 @@ TUTORIALS = {
     "06_streaming_dataloader_dp.py": "streaming dataloader with DP ranks: OK",
     "07_choosing_a_transport.py": "choosing a transport (inproc): OK",
     "08_group_filters_and_token_budget.py": "group filters and token budget: OK",
+    "10_consumer_leases.py": "consumer leases: OK",
+    "11_staleness_bounded_rollouts.py": "staleness-bounded rollouts: OK",
+    "12_tag_filtered_waits.py": "tag-filtered waits: OK",
 }
 SMALL = ["--steps", "2", "--global-batch-size", "16", "--producers", "3", "--seed", "7"]
 
