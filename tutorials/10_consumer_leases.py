@@ -83,8 +83,9 @@ def streaming_with_leases(client: tq.TransferQueueClient) -> None:
     client.create_partition(PID, expected_size=8)
     client.put(rows(8), partition_id=PID)
 
-    # a trainer that stops (or dies) in the middle of its second step
-    crashed = tq.StreamingDataset(["x"], 2, PID, TASK, lease_s=0.5, prefetch=False)
+    # a trainer that stops (or dies) in the middle of its second step; its lease is short
+    # only to keep the tutorial short: choose one longer than your longest step
+    crashed = tq.StreamingDataset(["x"], 2, PID, TASK, lease_s=2, prefetch=False)
     for step, (_, meta) in enumerate(crashed):
         if step == 1:
             held = meta.rows  # never acked: the "crash" happens during this step
