@@ -34,7 +34,8 @@ consumed the row - the row's ``version`` tag).
 
 **Wake-up latency.** A thread blocked in ``get_meta(["x"], 1, ..., wait=True)`` (seen
 waiting in ``partition_info(...).waiting``); the clock starts just before the put that
-makes one row ready and stops when the waiter's ``get_meta`` returns. Without ``where``:
+makes one row ready and stops when the waiter's ``get_meta`` returns (the put call's own
+time, to its return, is printed too). Without ``where``:
 ``kv_put`` of a new key with its field. With ``where={"status": "finished"}``: the key
 was put with the field and ``status: running`` before the waiter blocked; the timed put is
 a tag-only ``kv_put(tags=[{"status": "finished"}])``. Trials alternate; p50 and p99.
@@ -168,7 +169,7 @@ def wake_latency(client: Any, trials: int, tag: str) -> dict[str, list[float]]:
     client.create_partition(pid)
     thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
-    lat: dict[str, list[float]] = {"plain": [], "where": []}
+    lat: dict[str, list[float]] = {k: [] for k in ("plain", "where", "plain_put", "where_put")}
     field = {"x": torch.zeros(1, 1)}
     try:
         for i in range(2 * trials):
@@ -184,12 +185,14 @@ def wake_latency(client: Any, trials: int, tag: str) -> dict[str, list[float]]:
                 client.kv_put(key, pid, tags=[{"status": "finished"}])  # tags only
             else:
                 client.kv_put(key, pid, field)
+            returned = time.perf_counter()
             t1, n = done.get(timeout=60)
             if isinstance(t1, BaseException):
                 raise t1
             if n != 1:
                 raise RuntimeError(f"the waiter got {n} rows")
             lat[kind].append(t1 - t0)
+            lat[f"{kind}_put"].append(returned - t0)
     finally:
         go.put(None)
         thread.join(30)
@@ -237,6 +240,7 @@ def measure(transport: str, reps: int, trials: int, step_s: float | None) -> dic
     for kind in ("plain", "where"):
         out[f"wake_{kind}_p50_ms"] = p50(lat[kind]) * 1e3
         out[f"wake_{kind}_p99_ms"] = pct(lat[kind], 99) * 1e3
+        out[f"wake_{kind}_put_p50_ms"] = p50(lat[f"{kind}_put"]) * 1e3
     return out
 
 
@@ -285,6 +289,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                       "no where", f["wake_plain_p50_ms"])  # fmt: skip
             table.add(f"{transport} get_meta wake-up p99, where", f["wake_where_p99_ms"], "ms",
                       "no where", f["wake_plain_p99_ms"])  # fmt: skip
+            table.add(f"{transport} ... the put call itself p50, where", f["wake_where_put_p50_ms"],
+                      "ms", "no where", f["wake_plain_put_p50_ms"])  # fmt: skip
         table.note("bound = N(g+t) / (g+t+(N-1)max(g,t)); bound(w) = N(g+t) / (w+t+(N-1)max(w,t))")
         table.note("g, t, w: per-step means of the same repeat's k=0 run (benchmarks/README.md)")
     finally:
