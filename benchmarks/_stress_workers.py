@@ -116,15 +116,15 @@ async def _produce(
             data, crc = row_of(base, producer, seq, row_bytes)
             info = torch.tensor([[producer, seq, crc]], dtype=torch.int64)
             td = TensorDict({"data": data, "info": info}, batch_size=[1])
-            for attempt in range(1, 51):
+            attempt = 0
+            while True:  # retried until it succeeds: the parent's stall check ends a hang
+                attempt += 1
                 attempts[0] += 1
                 try:
                     await client.kv_put([f"{producer}-{seq}"], partition, td)
                     break
                 except Exception as exc:  # counted and retried: the key makes it idempotent
                     errors[type(exc).__name__] += 1
-                    if attempt == 50:
-                        raise
                     await asyncio.sleep(min(1.0, 0.02 * attempt))
             conn.send(("c", seq))
 
@@ -147,7 +147,8 @@ def consumer_main(
     batch_size: int,
 ) -> None:
     """Consume every row of ``partition`` for ``task`` with ``clients`` async clients;
-    ``("got", [(p, s), ...], [bad (p, s, why), ...])`` per batch, ``("end", stats)`` when
+    ``("got", [(p, s), ...], [bad (p, s, why), ...], [unreadable (row, why), ...])`` per
+    batch (unreadable: ``get_data`` raised KeyError for a row ``get_meta`` handed out), ``("end", stats)`` when
     the (sealed) partition is exhausted for the task."""
     import transferqueue as tq
 
@@ -185,6 +186,8 @@ def check_batch(td: Any) -> tuple[list[tuple[int, int]], list[tuple[int, int, st
 async def _consume(
     conn: Any, system: Any, task: str, partition: str, clients: int, batch_size: int
 ) -> dict[str, Any]:
+    from transferqueue.metadata import BatchMeta
+
     counts = Counter[str]()
     busy = [0.0]
 
@@ -198,12 +201,25 @@ async def _consume(
             if len(meta) == 0:
                 return  # exhausted: sealed and every row consumed
             t0 = time.perf_counter()
-            td = await client.get_data(meta)
-            got, bad = check_batch(td)
-            del td
+            unreadable: list[tuple[int, str]] = []
+            try:
+                td = await client.get_data(meta)
+                got, bad = check_batch(td)
+                del td
+            except KeyError:  # a row handed out whose bytes are not there: find which
+                counts["get_data KeyError"] += 1
+                got, bad = [], []
+                for row in meta.rows:
+                    try:
+                        one = await client.get_data(BatchMeta(meta.partition_id, [row], FIELDS))
+                    except KeyError as exc:
+                        unreadable.append((row, str(exc)[:200]))
+                        continue
+                    g, b = check_batch(one)
+                    got, bad = got + g, bad + b
             busy[0] += time.perf_counter() - t0
             counts["batches"] += 1
-            conn.send(("got", got, bad))
+            conn.send(("got", got, bad, unreadable))
 
     pool = [system.new_async_client() for _ in range(clients)]
     try:

@@ -132,6 +132,8 @@ class Run:
         self.committed: list[set[int]] = [set() for _ in range(plan.producers)]
         self.received: dict[str, Counter[tuple[int, int]]] = {t: Counter() for t in TASKS}
         self.bad: list[tuple[str, int, int, str]] = []
+        #: rows get_meta handed out whose bytes get_data could not find: (task, row, why)
+        self.unreadable: list[tuple[str, int, str]] = []
         self.unknown: Counter[str] = Counter()
         self.to_clear: list[str] = []
         self.cleared = 0
@@ -147,6 +149,7 @@ class Run:
         self.sealed = False
         self.last_progress = time.perf_counter()
         self.t_go: float | None = None
+        self.actors: dict[str, int] = {}  # name -> pid of the controller and the units
 
     # ---------------------------------------------------------------- processes
     def start_producer(self, p: int) -> None:
@@ -222,6 +225,7 @@ class Run:
                 if self.received[task][key] == 1 and others and seq in self.committed[p]:
                     self.to_clear.append(f"{p}-{seq}")
             self.bad += [(task, *b) for b in msg[2]]
+            self.unreadable += [(task, *u) for u in msg[3]]
         elif kind == "ready":
             x.ready = True
             if go:  # a restarted producer starts at once
@@ -283,7 +287,7 @@ class Run:
             self.maybe_kill()
             self.flush_clears()
             if self.fatal:
-                raise RuntimeError("stress: " + "; ".join(self.fatal))
+                raise RuntimeError("stress: " + "; ".join(self.fatal) + f"; {self.describe()}")
             if not self.sealed and len(self.done) == self.plan.producers:
                 missing = sum(
                     self.plan.share_size(p) - len(c) for p, c in enumerate(self.committed)
@@ -319,7 +323,9 @@ class Run:
             info = self.client.partition_info(PARTITION)
         except Exception as exc:  # a dead controller is itself the finding
             info = f"partition_info failed: {exc!r}"
+        alive = {name: os.path.exists(f"/proc/{pid}") for name, pid in self.actors.items()}
         return (
+            f"actor processes alive {alive}; "
             f"committed per producer {put}; received per task {got}; cleared {self.cleared}; "
             f"sealed {self.sealed}; producers done {sorted(self.done)}; partition {info}"
         )
@@ -359,6 +365,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         flush=True,
     )
     r = Run(plan, config, client)
+    r.actors = actors
     t_spawn = time.perf_counter()
     try:
         r.start()
@@ -411,6 +418,9 @@ def report(
         add(f"lost, task {t}", str(lost[t]), "0", lost[t] == 0)
         add(f"duplicated, task {t}", str(dup[t]), "0", dup[t] == 0)
     add("rows failing crc32 / identity", str(len(r.bad)), "0", not r.bad)
+    for t in TASKS:
+        n = sum(1 for u in r.unreadable if u[0] == t)
+        add(f"rows handed out but unreadable, task {t}", str(n), "0", n == 0)
     add("rows of unknown (producer, seq)", str(sum(r.unknown.values())), "0", not r.unknown)
     add("SIGKILLed producers (restarted)", str(len(r.killed)))
     add("put calls of producers that finished", str(put_calls))
@@ -430,7 +440,9 @@ def report(
         rows_out.append(f"consumer {task}: {stats.get('counts')}")
     for b in r.bad[:10]:
         rows_out.append(f"BAD ROW task {b[0]} producer {b[1]} seq {b[2]}: {b[3]}")
-    if any(lost.values()) or any(dup.values()) or r.bad:
+    for u in r.unreadable[:5]:
+        rows_out.append(f"UNREADABLE task {u[0]} row {u[1]}: {u[2]}")
+    if any(lost.values()) or any(dup.values()) or r.bad or r.unreadable:
         rows_out.append("DATA WAS LOST, DUPLICATED OR CORRUPTED: see the rows above")
     threads = os.environ.get("OMP_NUM_THREADS")
     print_grid(
@@ -457,6 +469,7 @@ def report(
         "lost": lost,
         "duplicated": dup,
         "bad_rows": len(r.bad),
+        "unreadable_rows": {t: sum(1 for u in r.unreadable if u[0] == t) for t in TASKS},
         "unknown_rows": dict(r.unknown),
         "killed": r.killed,
         "put_calls": put_calls,
