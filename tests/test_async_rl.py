@@ -62,12 +62,16 @@ def test_a_nacked_batch_is_handed_out_again_before_newer_rows(client, pid) -> No
     client.clear_partition(pid)
 
 
-async def test_an_expired_lease_redelivers_and_its_late_ack_is_reported(aclient, pid) -> None:
+async def test_an_expired_lease_redelivers_and_its_late_ack_is_reported(
+    aclient, system, pid
+) -> None:
     await aclient.create_partition(pid, expected_size=2)
     await aclient.put(rows(2), partition_id=pid)
     held = await aclient.get_meta(["x"], 2, pid, "train", lease_s=0.5)
-    # the waiter is woken by the lease's expiry (the controller's one timer)
-    again = await aclient.get_meta(["x"], 2, pid, "train", lease_s=60, timeout=30)
+    # another consumer waits (rows leased to it would not keep its own stream open);
+    # it is woken by the lease's expiry (the controller's one timer)
+    other = system.new_async_client()
+    again = await other.get_meta(["x"], 2, pid, "train", lease_s=60, timeout=30)
     assert again.rows == held.rows and again.lease != held.lease
     late = await aclient.ack(held)
     assert late == {"acked": 0, "not_leased": 2, "ended": "expired"}
@@ -75,6 +79,7 @@ async def test_an_expired_lease_redelivers_and_its_late_ack_is_reported(aclient,
     info = await aclient.partition_info(pid)
     assert info.consumed == {"train": 2} and info.redelivered == {"train": 2}
     assert (await aclient.get_meta(["x"], 2, pid, "train", timeout=30)).is_empty
+    await other.close()
     await aclient.clear_partition(pid)
 
 

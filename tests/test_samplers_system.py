@@ -73,6 +73,8 @@ async def consume_grpo(system: System, pid: str) -> None:
         assert not DROPPED & set(delivered)  # a dropped group is never delivered
         assert sorted(delivered) == sorted(set(range(n)) - DROPPED)
         assert await producer.check_consumption_status("train", pid)  # dropped = consumed
+        info = await producer.partition_info(pid)
+        assert info.dropped == {"train": len(DROPPED)}  # counted where operators look
     finally:
         await producer.close()
         await consumer.close()

@@ -246,6 +246,24 @@ def test_dataloader_workers_deliver_each_row_once(system, client, pid, context) 
     assert sorted(rows) == list(range(n))
 
 
+def test_dataloader_workers_with_leases_are_acked_by_the_loader(system, client, pid) -> None:
+    if system.config.transport == "inproc":
+        pytest.skip("DataLoader workers need the zmq or ray transport")
+    n = 24
+    client.create_partition(pid, expected_size=n)
+    client.put(rows_of(n), partition_id=pid)
+    ds = tq.StreamingDataset(["id"], 4, pid, "train", config=system.config, lease_s=60)
+    loader = tq.StreamingDataLoader(ds, num_workers=2, multiprocessing_context="spawn")
+    rows: list[int] = []
+    for _, meta in loader:  # the workers fetch ahead; this process acks what it finished
+        assert meta.lease
+        rows += meta.rows
+    assert sorted(rows) == list(range(n))
+    info = client.partition_info(pid)
+    assert info.consumed == {"train": n} and info.leased == {} and info.redelivered == {}
+    client.clear_partition(pid)
+
+
 def test_plain_dataloader_workers_on_inproc_raise_a_clear_error(system, pid) -> None:
     if system.config.transport != "inproc":
         pytest.skip("inproc only")

@@ -305,6 +305,7 @@ class AsyncTransferQueueClient:
         max_version_lag: int | None = None,
         evict: bool = False,
         lease_s: float | None = None,
+        lease_group: str | None = None,
     ) -> BatchMeta:
         """Rows whose ``data_fields`` are ready, marked consumed for ``task_name`` -- or,
         with ``lease_s``, leased to it until :meth:`ack` (handed out again after
@@ -312,6 +313,9 @@ class AsyncTransferQueueClient:
         whose tags match count as ready (a tag-only put that makes a row match wakes the
         waiters). ``max_version_lag=j``: rows reserved more than j policy versions ago are
         skipped; with ``evict=True`` they are consumed for the task unseen and counted.
+        ``lease_group``: consumers that share their leases (a StreamingDataset and its
+        DataLoader workers pass one): rows leased to the caller's own group do not keep its
+        stream from ending, since they are in its hands.
 
         With ``wait`` (the default) it waits -- woken by the controller's commits, never by a
         timer -- until a batch can be filled or the partition is exhausted for the task;
@@ -345,6 +349,7 @@ class AsyncTransferQueueClient:
                 evict=evict,
                 lease_s=lease_s,
                 client=self.client_id,
+                lease_group=lease_group or "",
             )
         except asyncio.CancelledError:
             if token is not None:

@@ -44,6 +44,7 @@ See docs/streaming.md for DataLoader workers, ``reset`` and ``step``.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -69,6 +70,19 @@ _INPROC_WORKERS = (
     "system; start it with tq.init({'transport': 'zmq'}) or tq.init({'transport': 'ray'}), "
     "or use num_workers=0"
 )
+
+
+def _filters(
+    where: Mapping[str, Any] | None, max_version_lag: int | None, evict: bool
+) -> dict[str, Any]:
+    """The ``get_meta`` filters a stream passes on (only those that are set)."""
+    out: dict[str, Any] = {}
+    if where is not None:
+        out["where"] = dict(where)
+    if max_version_lag is not None:
+        out["max_version_lag"] = max_version_lag
+        out["evict"] = evict
+    return out
 
 
 def _check_sizes(batch_size: Any, micro_batch_size: Any) -> None:
@@ -111,9 +125,13 @@ class _Fetcher:
         index_offset: int = 0,
         index_stride: int = 1,
         lease_s: float | None = None,
+        lease_group: str | None = None,
+        filters: Mapping[str, Any] | None = None,
     ) -> None:
         self.client = client
         self.lease_s = lease_s
+        self.lease_group = lease_group
+        self.filters = dict(filters or {})
         self.fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
         self.batch_size = batch_size
         self.partition_id = partition_id
@@ -141,6 +159,8 @@ class _Fetcher:
             timeout=self.timeout if wait else None,
             drop_last=self.drop_last,
             lease_s=self.lease_s,
+            lease_group=self.lease_group,
+            **self.filters,
         )
         if meta.is_empty:
             return None
@@ -191,6 +211,9 @@ async def stream(
     *,
     prefetch: bool = True,
     lease_s: float | None = None,
+    where: Mapping[str, Any] | None = None,
+    max_version_lag: int | None = None,
+    evict: bool = False,
 ) -> AsyncIterator[Item]:
     """``(TensorDict, BatchMeta)`` micro-batches of ``partition_id`` for ``task_name``, each
     as soon as its rows are ready, until the partition is exhausted for the task.
@@ -198,12 +221,13 @@ async def stream(
     ``timeout`` bounds each wait for a batch (``TimeoutError``). ``async for`` it, and
     ``break`` (or ``aclose()``) to stop early; see the module docstring for the prefetch.
     ``lease_s``: rows are leased, and each micro-batch is acked when the next is asked for
-    (and the last at the normal end).
+    (and the last at the normal end). ``where``, ``max_version_lag``, ``evict``: as in
+    ``get_meta``.
     """
     _check_sizes(batch_size, micro_batch_size)
     fetcher = _Fetcher(
         client, data_fields, batch_size, partition_id, task_name, sampling_config,
-        drop_last, timeout, lease_s=lease_s,
+        drop_last, timeout, lease_s=lease_s, filters=_filters(where, max_version_lag, evict),
     )  # fmt: skip
     inner = _stream(fetcher, micro_batch_size, prefetch)
     previous: BatchMeta | None = None
@@ -304,6 +328,9 @@ class StreamingDataset(IterableDataset[Item]):
         prefetch: bool = True,
         lease_s: float | None = None,
         ack: str = "after_step",
+        where: Mapping[str, Any] | None = None,
+        max_version_lag: int | None = None,
+        evict: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(batch_size, micro_batch_size)
@@ -311,6 +338,11 @@ class StreamingDataset(IterableDataset[Item]):
             raise ValueError(f"ack must be 'after_step' or 'manual', got {ack!r}")
         self.lease_s = lease_s
         self.ack = ack
+        #: one lease group for this dataset in every process that iterates it (its pickled
+        #: copies in DataLoader workers too): batches the workers fetched ahead are in the
+        #: group's hands and do not keep a worker's stream from ending
+        self.lease_group = uuid.uuid4().hex
+        self.filters = _filters(where, max_version_lag, evict)
         self.data_fields = list(data_fields)
         self.batch_size = batch_size
         self.partition_id = _check_name("partition_id", partition_id)
@@ -364,6 +396,7 @@ class StreamingDataset(IterableDataset[Item]):
         fetcher = _Fetcher(
             client, self.data_fields, self.batch_size, self.partition_id, self.task_name,
             self.sampling_config, self.drop_last, self.timeout, offset, stride, self.lease_s,
+            self.lease_group, self.filters,
         )  # fmt: skip
         agen = _stream(fetcher, self.micro_batch_size, self.prefetch)
         items = _sync_iter(agen, owned)

@@ -399,6 +399,7 @@ class ControllerActor:
         evict: bool = False,
         lease_s: float | None = None,
         client: str = "",
+        lease_group: str = "",
     ) -> BatchMeta:
         """``token``: names a waiting call, so that :meth:`cancel_wait` can withdraw it.
         ``where``, ``max_version_lag``, ``evict``, ``lease_s``: see ControllerState.get_meta."""
@@ -412,13 +413,16 @@ class ControllerActor:
         def attempt() -> BatchMeta | None:
             if withdrawn():
                 return BatchMeta.empty(pid, list(fields))  # consume nothing
+            admitted = self._state.admitted(pid)
             meta = self._state.get_meta(
                 pid, task, fields, batch_size, sampling_config, drop_last, where=where,
                 max_version_lag=max_version_lag, evict=evict, lease_s=lease_s,
-                now=time.time(), client=client,
+                now=time.time(), client=client, lease_group=lease_group,
             )  # fmt: skip
             if lease_s is not None and meta is not None and meta.lease:
                 self._arm_expiry()
+            if self._state.admitted(pid) < admitted:  # evictions made room: wake reserves
+                self._changed(pid)
             return meta
 
         # one queue per (partition, task, rank, step): a rank waiting for a later step never

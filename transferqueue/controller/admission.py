@@ -17,7 +17,7 @@ import numpy as np
 
 from transferqueue.controller.partition import PENDING, Partition
 
-__all__ = ["advance", "configure", "reserve", "room"]
+__all__ = ["advance", "configure", "give_back", "reserve", "room"]
 
 
 def configure(part: Partition, max_staleness: int | None, global_batch_size: int | None) -> None:
@@ -63,6 +63,17 @@ def reserve(part: Partition, n: int, version: int) -> np.ndarray:
     for r in rows.tolist():
         part.tags[r] = {"version": version}
     return rows
+
+
+def give_back(part: Partition, rows: np.ndarray) -> None:
+    """Reserved ``rows`` that were evicted or dropped unseen (too stale, or a group filter
+    found no signal) no longer count against the window: only accepted samples do, as in
+    AReaL, so rejections cannot starve the trainer and the producers together."""
+    if part.max_staleness is None:
+        return
+    mine = [r for r in rows.tolist() if part.row_version[r] >= 0 and r not in part.unadmitted]
+    part.unadmitted.update(mine)
+    part.admitted -= len(mine)
 
 
 def advance(part: Partition) -> int:

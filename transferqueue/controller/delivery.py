@@ -121,6 +121,15 @@ class Delivery:
     def expired(self, now: float) -> list[ConsumerLease]:
         return self.leases.expired(now)
 
+    def rows_in_hand(self, part: Partition, task: str, group: str) -> list[int]:
+        """Rows still leased to ``task`` under leases of lease group ``group``."""
+        out: list[int] = []
+        leased = part.leased.get(task)
+        for lease in self.leases.values():
+            if lease.pid == part.pid and lease.task == task and lease.client == group:
+                out += [r for r in lease.rows if r < part.n and leased is not None and leased[r]]
+        return out
+
     def leased_counts(self, part: Partition) -> dict[str, int]:
         n = part.n
         return {t: int(np.count_nonzero(a[:n])) for t, a in part.leased.items() if a[:n].any()}

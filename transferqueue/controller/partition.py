@@ -122,6 +122,8 @@ class Partition:
         self.admitted = 0
         #: the policy version each row was reserved under (-1: not reserved)
         self.row_version = np.zeros(0, dtype=np.int32)
+        #: reserved rows whose admission was given back (evicted or dropped unseen)
+        self.unadmitted: set[int] = set()
 
     # ------------------------------------------------------------ storage
     @property
@@ -299,6 +301,8 @@ class Partition:
         reusable at once; others after :meth:`recycle` (their bytes are gone)."""
         self.forget(rows)
         self.row_version[rows] = -1
+        if self.unadmitted:
+            self.unadmitted.difference_update(rows.tolist())
         self.state[rows] = DEAD
         self.recycle(rows[self.unit[rows] == NO_UNIT])
 

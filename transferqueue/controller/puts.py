@@ -26,6 +26,7 @@ from transferqueue.controller.partition import (
 from transferqueue.controller.placement import Capacity, Placement
 from transferqueue.errors import (
     PartitionNotFoundError,
+    PartitionSealedError,
     PutLeaseExpiredError,
     RowsLostError,
     SchemaError,
@@ -84,7 +85,15 @@ class PutsAndBytes:
             part = self._get(pid)
             got = rows_array(rows)
             reserved = self._reserved(part, got)
-            part.check_rows(got[~reserved], "write")
+            try:
+                part.check_rows(got[~reserved], "write")
+            except ValueError:
+                if part.sealed:  # a reservation's slots are dropped by the seal
+                    raise PartitionSealedError(
+                        f"partition {pid!r} was sealed: its unfilled slots (reserved ones "
+                        f"included) were dropped, so these rows cannot be written"
+                    ) from None
+                raise
             if reserved.any() and len(np.unique(got)) != len(got):
                 raise ValueError(f"cannot write: rows repeat in {got.tolist()[:16]}")
             fresh = slots = got[reserved]  # a put into its reservation fills those slots

@@ -342,13 +342,17 @@ class ControllerState(PutsAndBytes, StatusQueries):
         lease_s: float | None = None,
         now: float = 0.0,
         client: str = "",
+        lease_group: str = "",
     ) -> BatchMeta | None:
         """A batch for ``task``: ``None`` when the caller must wait, an empty batch when its
         stream has ended, else the sampled rows -- consumed for ``task``, or with
         ``lease_s`` leased to it until acked (:mod:`.delivery`). ``where``: only rows whose
         tags equal these values (or for which this callable is true) are ready.
         ``max_version_lag``: rows reserved more than that many versions ago are skipped --
-        with ``evict``, consumed for the task unseen and counted (:mod:`.admission`)."""
+        with ``evict``, consumed for the task unseen and counted (:mod:`.admission`).
+        ``lease_group``: the caller's consumers share their leases (e.g. a dataset and its
+        DataLoader workers): rows leased to the group do not keep the caller's stream open,
+        since they are in its hands."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(task, str) or not task:
@@ -374,9 +378,9 @@ class ControllerState(PutsAndBytes, StatusQueries):
             versions = part.row_version
             tests.append(lambda tags, row: versions[row] < 0 or versions[row] >= oldest)
         match = (lambda tags, row: all(t(tags, row) for t in tests)) if tests else None
-        ready, final = self._ready(
-            part, task, fields, self.sampler.candidate_limit(batch_size, **cfg), match
-        )
+        limit = self.sampler.candidate_limit(batch_size, **cfg)
+        in_hand = lease_group if lease_s is not None else ""
+        ready, final = self._ready(part, task, fields, limit, match, in_hand)
         sampled, consumed = self.sampler.sample(
             ready, batch_size, partition_id=pid, task_name=task, tags=part.tag_view,
             final=final, drop_last=drop_last, **cfg,
@@ -393,11 +397,17 @@ class ControllerState(PutsAndBytes, StatusQueries):
             )
         if lease_s is not None and len(picked):
             lease = self.delivery.lease(
-                part, task, picked, now=now, lease_s=lease_s, client=client
+                part, task, picked, now=now, lease_s=lease_s, client=lease_group or client
             ).lease
             used = used[~np.isin(used, picked)]  # dropped by the sampler: consumed unseen
         if len(used):
             part.mark_consumed(task, used)
+        if part.max_staleness is not None and not getattr(
+            self.sampler, "consumes_for_others", False
+        ):  # rows a group filter dropped unseen give their admission back
+            unseen = used[~np.isin(used, picked)]
+            if len(unseen):
+                admission.give_back(part, unseen)
         requeued = part.requeued.get(task)
         if requeued and len(picked):
             taken = set(picked.tolist())
@@ -459,6 +469,11 @@ class ControllerState(PutsAndBytes, StatusQueries):
         rows = admission.reserve(part, take, part.version if version is None else version)
         return self.meta_of(pid, rows, [], check=False)
 
+    def admitted(self, pid: str) -> int:
+        """Samples admitted and not given back (0 for an unknown partition)."""
+        part = self._parts.get(pid)
+        return 0 if part is None else part.admitted
+
     def advance_version(self, pid: str) -> int:
         return admission.advance(self._get(pid))
 
@@ -471,6 +486,7 @@ class ControllerState(PutsAndBytes, StatusQueries):
         if len(rows):
             part.mark_consumed(task, rows)
             self.evicted[(part.pid, task)] += len(rows)
+            admission.give_back(part, rows)
 
     def _ready(
         self,
@@ -479,9 +495,12 @@ class ControllerState(PutsAndBytes, StatusQueries):
         fields: list[str],
         limit: int | None,
         match: Callable[[Mapping[str, Any], int], bool] | None = None,
+        in_hand: str = "",
     ) -> tuple[list[int], bool]:
         """Ready rows (at most ``limit``; rows given back to the task first), and whether
-        they are all and no more can come."""
+        they are all and no more can come. Rows leased under the lease group ``in_hand``
+        (the caller's own) do not keep its stream open: they are in the caller's hands --
+        e.g. batches DataLoader workers fetched ahead of the process that acks them."""
         k: float = float("inf") if limit is None else limit
         start = part.lwm.get(task, 0)
 
@@ -506,6 +525,10 @@ class ControllerState(PutsAndBytes, StatusQueries):
         # every unconsumed live row in [start, n) must be among the ready ones
         unconsumed = live_mask(part.state[start : part.n])
         unconsumed &= ~part.task(task)[start : part.n]
+        if in_hand:
+            for row in self.delivery.rows_in_hand(part, task, in_hand):
+                if row >= start:
+                    unconsumed[row - start] = False
         return rows.tolist(), int(np.count_nonzero(unconsumed)) == len(rows)
 
     def _check_sampled(self, part: Partition, rows: Sequence[int]) -> np.ndarray:
