@@ -77,8 +77,8 @@ def producer_main(
     partition: str,
 ) -> None:
     """Put the rows ``seqs`` of ``producer`` with ``clients`` async clients (each with
-    connections of its own) on one event loop; ``("c", seq)`` after each put returned
-    (committed), ``("done", stats)`` at the end."""
+    connections of its own) on one event loop; ``("c", seq, attempts)`` after each put
+    returned (committed), ``("done", stats)`` at the end."""
     import transferqueue as tq
 
     try:
@@ -126,7 +126,7 @@ async def _produce(
                 except Exception as exc:  # counted and retried: the key makes it idempotent
                     errors[type(exc).__name__] += 1
                     await asyncio.sleep(min(1.0, 0.02 * attempt))
-            conn.send(("c", seq))
+            conn.send(("c", seq, attempt))
 
     pool = [system.new_async_client() for _ in range(clients)]
     try:

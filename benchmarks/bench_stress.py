@@ -150,6 +150,8 @@ class Run:
         self.last_progress = time.perf_counter()
         self.t_go: float | None = None
         self.actors: dict[str, int] = {}  # name -> pid of the controller and the units
+        #: (p, seq) -> (the producer process that reported it, kv_put attempts it took)
+        self.how: dict[tuple[int, int], tuple[str, int]] = {}
 
     # ---------------------------------------------------------------- processes
     def start_producer(self, p: int) -> None:
@@ -210,6 +212,7 @@ class Run:
                 self.unknown["reported committed twice"] += 1
                 return
             self.committed[p].add(seq)
+            self.how[(p, seq)] = (x.label, msg[2])
             key = (p, seq)
             if all(self.received[t][key] for t in TASKS):
                 self.to_clear.append(f"{p}-{seq}")
@@ -440,6 +443,14 @@ def report(
         rows_out.append(f"consumer {task}: {stats.get('counts')}")
     for b in r.bad[:10]:
         rows_out.append(f"BAD ROW task {b[0]} producer {b[1]} seq {b[2]}: {b[3]}")
+    for t in TASKS:
+        missing = [k for k in universe if r.received[t][k] == 0]
+        for p, seq in missing[:8]:
+            label, tries = r.how.get((p, seq), ("?", 0))
+            rows_out.append(
+                f"LOST for {t}: key {p}-{seq}, reported committed by {label} after {tries} "
+                f"kv_put attempt(s)"
+            )
     for u in r.unreadable[:5]:
         rows_out.append(f"UNREADABLE task {u[0]} row {u[1]}: {u[2]}")
     if any(lost.values()) or any(dup.values()) or r.bad or r.unreadable:
