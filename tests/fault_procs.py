@@ -20,6 +20,11 @@ def producer_stopped_at(config: Any, pid: str, stage: str, conn: Connection) -> 
     not committed) report and wait to be killed."""
     tq.init(config)
     client = tq.get_client()
+    # a producer that has been running: its connections to the units exist (a first call
+    # from a fresh process -- Ray looks the actor up -- can take longer than a test's
+    # 1 s put lease)
+    client.put({"x": torch.zeros(1, 4)}, partition_id=pid + "-warm-up")
+    client.clear_partition(pid + "-warm-up")
 
     async def hook(point: str) -> None:
         if point == stage:
