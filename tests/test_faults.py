@@ -228,6 +228,16 @@ def _actor_pid(system: System, index: int) -> int:
     return int(runtime_loop().run(unit.call("stats"))["pid"])
 
 
+def test_a_unit_reported_dead_that_answers_is_kept(leased, pid) -> None:
+    ctrl = leased.async_client._controller
+    assert runtime_loop().run(ctrl.call("unit_died", 0)) is False  # it answered the check
+    client = leased.client
+    metas = [client.put({"x": torch.ones(1, 4)}, partition_id=pid) for _ in range(4)]
+    assert {m.units[0] for m in metas} == {0, 1}  # still placed on both units
+    assert client.partition_info(pid).lost == 0
+    client.clear_partition(pid)
+
+
 def test_a_dead_storage_unit_loses_its_rows_visibly_and_the_rest_serves(
     fresh, transport_name, pid
 ) -> None:

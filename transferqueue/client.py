@@ -34,7 +34,7 @@ from transferqueue.transports import transport_class
 
 log = logging.getLogger("transferqueue.client")
 
-#: seconds a client waits to tell the controller a storage unit died
+#: seconds the controller may take to confirm a storage unit died (it asks the unit)
 _REPORT_TIMEOUT_S = 2.0
 
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
@@ -278,9 +278,16 @@ class AsyncTransferQueueClient:
         try:
             return await self._units[unit].call(method, *args, **kwargs)
         except ActorDiedError:
-            # tell the controller first, so partition_info counts the rows lost from now on
+            # tell the controller first, so partition_info counts the rows lost from now on;
+            # it asks the unit itself, and a unit that answers is not dead (a missed
+            # heartbeat on a loaded host): then this call just failed
+            confirmed = False
             with contextlib.suppress(Exception):
-                await self._controller.call("unit_died", unit, timeout=_REPORT_TIMEOUT_S)
+                confirmed = await self._controller.call(
+                    "unit_died", unit, timeout=_REPORT_TIMEOUT_S + 1.0
+                )
+            if not confirmed:
+                raise
             lost = rows.tolist() if hasattr(rows, "tolist") else list(rows)
             raise RowsLostError(
                 f"rows {lost[:32]} of partition {partition_id!r} are lost: storage unit "

@@ -100,3 +100,8 @@ class RowsLostError(TransferQueueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RowsBusyError(TransferQueueError):
+    """The rows (or keys) a put names are being written by another put that has not
+    committed yet; retry once it committed or its put lease ended."""

@@ -8,12 +8,14 @@ import pytest
 from transferqueue.controller.state import ControllerState
 from transferqueue.errors import (
     PutLeaseExpiredError,
+    RowsBusyError,
     RowsLostError,
     SchemaError,
     StorageFullError,
 )
 
 F32 = {"dtype": "torch.float32", "ndim": 1}
+F32_SPEC = {"x": F32}
 I64 = {"dtype": "torch.int64", "ndim": 1}
 MiB = 1 << 20
 
@@ -190,3 +192,23 @@ def test_clearing_a_partition_under_a_lease_makes_its_commit_fail() -> None:
     rel = state.end_lease(lease.lease)
     assert rel is not None and finish(state, rel) == []
     assert np.array_equal(rel.rows, [0, 1])  # their bytes are cleared from the units
+
+
+def test_a_key_another_put_is_writing_is_busy_and_a_retry_after_expiry_gets_a_fresh_row() -> None:
+    state = ControllerState(num_units=2, put_lease_s=1.0)
+    first = state.begin_put("kv", F32_SPEC, now=0, keys=["k"])
+    with pytest.raises(RowsBusyError, match="being written by another put"):
+        state.begin_put("kv", F32_SPEC, now=0.5, keys=["k"])
+    (rel,) = state.expire(1.0)  # the first writer died; its bytes are still being cleared
+    retry = state.begin_put("kv", F32_SPEC, now=1.0, keys=["k"])
+    assert retry.rows.tolist() != first.rows.tolist()  # not the row being released
+    state.commit_put(retry.lease)
+    state.finish_release(rel)  # the release lands after the retry committed
+    assert state.rows_for_keys("kv", ["k"]) == retry.rows.tolist()
+    assert state.partition_info("kv").produced == {"x": 1}
+    writing = state.begin_put("kv", F32_SPEC, now=2, n=1)
+    with pytest.raises(RowsBusyError):  # an update into rows a put is writing is refused too
+        state.begin_put("kv", F32_SPEC, now=2, rows=writing.rows.tolist())
+    state.commit_put(writing.lease)
+    update = state.begin_put("kv", F32_SPEC, now=2, rows=writing.rows.tolist())  # now fine
+    state.commit_put(update.lease)

@@ -33,6 +33,8 @@ from transferqueue.metadata import BatchMeta, PartitionInfo
 
 log = logging.getLogger("transferqueue.controller")
 
+#: seconds a storage unit reported dead has to answer before its rows are declared lost
+_CONFIRM_TIMEOUT_S = 2.0
 #: tokens of withdrawn calls that have not arrived kept at most (oldest forgotten first)
 _WITHDRAWN_KEPT = 4096
 
@@ -110,11 +112,29 @@ class ControllerActor:
             self._own(self._watch(i, ref), f"watching storage unit {i}")
 
     async def _watch(self, unit: int, ref: ActorRef) -> None:
-        """A call that never returns while the unit lives: its failure says it died."""
+        """A call that never returns while the unit lives: its failure says it may have died
+        (confirmed before its rows are declared lost; a unit that answers is watched on)."""
+        while True:
+            try:
+                await ref.call("watch", timeout=None)
+            except ActorDiedError:
+                if await self._confirm_dead(unit):
+                    return
+
+    async def _confirm_dead(self, unit: int) -> bool:
+        """Ask the unit itself: only a unit that cannot be reached any more is dead (a
+        missed heartbeat on a loaded host is not death). Marks it dead if so."""
+        if unit in self._state.placement.dead:
+            return True
         try:
-            await ref.call("watch", timeout=None)
+            await self._units[unit].call("stats", timeout=_CONFIRM_TIMEOUT_S)
         except ActorDiedError:
             self._unit_died(unit)
+            return True
+        except Exception:  # slow, not gone: the watch goes on
+            return False
+        log.info("storage unit %d was reported dead but answers: kept", unit)
+        return False
 
     def _unit_died(self, unit: int) -> None:
         lost = self._state.mark_unit_dead(unit)
@@ -124,9 +144,12 @@ class ControllerActor:
             self._changed(pid)
         self._space.changed()
 
-    async def unit_died(self, unit: int) -> None:
-        """A client saw storage unit ``unit`` die (``ActorDiedError``)."""
-        self._unit_died(unit)
+    async def unit_died(self, unit: int) -> bool:
+        """A client saw storage unit ``unit`` die (``ActorDiedError``); returns whether the
+        controller confirmed it (it asks the unit first)."""
+        if not 0 <= unit < len(self._units):
+            return False
+        return await self._confirm_dead(unit)
 
     async def system_info(self) -> dict[str, Any]:
         return self._system
@@ -201,7 +224,7 @@ class ControllerActor:
                 if committed:
                     self._state.capacity.freed(result)
             elif isinstance(result, ActorDiedError):
-                self._unit_died(unit)
+                await self._confirm_dead(unit)
             elif isinstance(result, BaseException):
                 log.warning("storage unit %d could not %s: %s", unit, call[0], result)
         self._space.changed()

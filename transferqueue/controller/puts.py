@@ -28,6 +28,7 @@ from transferqueue.errors import (
     PartitionNotFoundError,
     PartitionSealedError,
     PutLeaseExpiredError,
+    RowsBusyError,
     RowsLostError,
     SchemaError,
 )
@@ -85,6 +86,7 @@ class PutsAndBytes:
             part = self._get(pid)
             got = rows_array(rows)
             reserved = self._reserved(part, got)
+            self._check_not_busy(part, got[~reserved])
             try:
                 part.check_rows(got[~reserved], "write")
             except ValueError:
@@ -103,6 +105,8 @@ class PutsAndBytes:
             part = self._ensure(pid)
             pending_before = part.state[: part.n] == PENDING
             if keys is not None:
+                known = [part.keys[k] for k in keys if isinstance(k, str) and k in part.keys]
+                self._check_not_busy(part, np.array(known, dtype=np.int64))
                 got_list, is_new = self.upsert_keys(pid, keys)
                 got = np.array(got_list, dtype=np.int64)
                 fresh = got[np.array(is_new, dtype=bool)] if len(got) else got
@@ -131,6 +135,20 @@ class PutsAndBytes:
         self.capacity.reserve(nbytes)
         self.leases.add(lease)
         return lease
+
+    @staticmethod
+    def _check_not_busy(part: Partition, rows: np.ndarray) -> None:
+        """Rows another put is still writing (or whose failed put is being released) may
+        not be written: that put's release would clear these bytes too."""
+        rows = rows[(rows >= 0) & (rows < part.n)] if len(rows) else rows
+        busy = rows[part.state[rows] == INFLIGHT] if len(rows) else rows
+        if len(busy):
+            keys = [part.row_keys[r] for r in busy.tolist() if r in part.row_keys]
+            raise RowsBusyError(
+                f"rows {busy.tolist()[:16]} (keys {keys[:8]}) of partition {part.pid!r} are "
+                f"being written by another put, which has not committed yet: retry once it "
+                f"committed, or once its lease ended (controller.put_lease_s)"
+            )
 
     @staticmethod
     def _reserved(part: Partition, rows: np.ndarray) -> np.ndarray:
@@ -202,6 +220,10 @@ class PutsAndBytes:
         if part is not None and part.generation == lease.generation and len(rows):
             mine = part.state[rows] == INFLIGHT  # not cleared or lost meanwhile
             rows, units = rows[mine], units[mine]
+            for r in rows.tolist():  # a retry of these keys gets fresh rows at once
+                key = part.row_keys.pop(r, None)
+                if key is not None:
+                    del part.keys[key]
         elif part is not None:  # cleared and created again: these row ids may be reused
             rows, units = rows[:0], units[:0]
         return Release(lease.pid, lease.generation, rows, units, lease.slots, reason)
