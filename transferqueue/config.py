@@ -50,6 +50,11 @@ class ZmqConfig:
     #: big messages land in reused heap pages, not fresh ones (see transferqueue.memory);
     #: actor processes always do. Up to 1 GiB of freed memory then stays mapped for reuse
     tune_malloc: bool = True
+    #: torch intra-op threads in an actor process (``torch.set_num_threads``). An actor
+    #: copies rows and moves frames; torch's parallel copies of rows over 64 KiB, with their
+    #: threads fighting the I/O threads for the cores, made a 1 MiB row write ~50x slower
+    #: on a 2-core host (30 ms vs 0.6 ms, bench stress). Raise it on big hosts for huge rows
+    actor_threads: int = 1
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,9 @@ def main() -> None:
     tune_malloc_for_large_buffers()  # large frames and buffers reuse heap pages
     sys.path[:] = pickle.load(sys.stdin.buffer)
     spec = pickle.load(sys.stdin.buffer)
+    import torch
+
+    torch.set_num_threads(max(1, int(spec["config"].zmq.actor_threads)))  # see ZmqConfig
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         import uvloop
