@@ -60,7 +60,15 @@ def ray_cluster() -> Iterator[None]:
             log_to_driver=False,
             include_dashboard=False,
         )
+    # child processes (spawned producers, DataLoader workers) attach to this cluster, not
+    # to whichever cluster on the machine started last ("auto")
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
     ray.shutdown()
 
 

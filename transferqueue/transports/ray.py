@@ -82,10 +82,16 @@ class _RayHost:
         await self._dispatcher.stop()
 
 
+def _cluster_address() -> str:
+    """The Ray cluster to attach to: ``RAY_ADDRESS`` when set (Ray's own variable), else
+    the one this machine runs ("auto")."""
+    return os.environ.get("RAY_ADDRESS") or "auto"
+
+
 def _ensure_ray(namespace: str) -> None:
     _check_not_forked()
     if not ray.is_initialized():
-        ray.init(address="auto", namespace=namespace, log_to_driver=False)
+        ray.init(address=_cluster_address(), namespace=namespace, log_to_driver=False)
 
 
 class RayChannel(Channel):
@@ -199,7 +205,7 @@ def find_named(name: str, config: Config) -> Address | None:
     namespace = config.ray.namespace
     if not ray.is_initialized():
         try:
-            ray.init(address="auto", namespace=namespace, log_to_driver=False)
+            ray.init(address=_cluster_address(), namespace=namespace, log_to_driver=False)
         except ConnectionError:
             return None
     try:
