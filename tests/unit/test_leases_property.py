@@ -59,7 +59,7 @@ class LeaseMachine(RuleBasedStateMachine):
         lease_id = data.draw(st.sampled_from(sorted(self.written & set(self.leases))))
         try:
             self.state.commit_put(lease_id)
-        except (PutLeaseExpiredError, SchemaError):
+        except (PutLeaseExpiredError, SchemaError, ValueError):  # refused: nothing published
             self._end(lease_id)
         self.leases.pop(lease_id, None)
 

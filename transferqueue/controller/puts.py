@@ -200,6 +200,12 @@ class PutsAndBytes:
                 f"rows {lost[:16]} of partition {lease.pid!r} were lost while the put was "
                 f"writing (their storage unit died); put them again"
             )
+        gone = lease.rows[st < INFLIGHT]
+        if len(gone):
+            raise ValueError(
+                f"rows {gone.tolist()[:16]} of partition {lease.pid!r} were cleared while the "
+                f"put was writing them: nothing was published"
+            )
         self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
         self.leases.pop(lease_id)
         self.capacity.settle(lease.nbytes, net_bytes)
