@@ -64,9 +64,14 @@ class AsyncTransferQueueClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close this client's connections (the system keeps running)."""
+        """Close this client's connections (the system keeps running; a later call
+        connects again)."""
         for ref in (self._controller, *self._units):
             await ref.aclose()
+
+    async def aclose(self) -> None:
+        """Same as :meth:`close` (the name ``async with``-style resources use)."""
+        await self.close()
 
     # ------------------------------------------------------------------ partitions
     async def create_partition(
@@ -136,8 +141,12 @@ class AsyncTransferQueueClient:
         """Forget the partition and free its bytes. Idempotent."""
         await self._controller.call("clear_partition", partition_id)
 
-    async def clear_samples(self, meta: BatchMeta) -> None:
-        """Forget the rows of ``meta`` and free their bytes. Idempotent."""
+    async def clear_samples(
+        self, meta: BatchMeta | None = None, *, metadata: BatchMeta | None = None
+    ) -> None:
+        """Forget the rows of ``meta`` and free their bytes. Idempotent. (``metadata=`` is
+        the public TransferQueue's name for ``meta``.)"""
+        meta = _meta_arg(meta, metadata)
         if meta.rows:
             await self._controller.call("clear_samples", meta.partition_id, meta.rows)
 
@@ -184,8 +193,13 @@ class AsyncTransferQueueClient:
         """Write a batch; returns the BatchMeta of the rows written.
 
         Without ``metadata`` new rows are allocated in ``partition_id`` (pending slots
-        first). With ``metadata`` the fields are written into its rows.
+        first). With ``metadata`` the fields are written into its rows. A BatchMeta passed
+        second, as the public TransferQueue's ``put(data, metadata)`` does, is taken as
+        ``metadata``. ``metadata``'s own tags are not sent: pass ``tags`` (or call
+        :meth:`set_custom_meta`).
         """
+        if isinstance(partition_id, BatchMeta) and metadata is None:
+            partition_id, metadata = None, partition_id
         n, columns = to_columns(data)
         if metadata is not None:
             if partition_id is not None and partition_id != metadata.partition_id:
@@ -313,6 +327,7 @@ class AsyncTransferQueueClient:
         evict: bool = False,
         lease_s: float | None = None,
         lease_group: str | None = None,
+        mode: str = "fetch",
     ) -> BatchMeta:
         """Rows whose ``data_fields`` are ready, marked consumed for ``task_name`` -- or,
         with ``lease_s``, leased to it until :meth:`ack` (handed out again after
@@ -328,7 +343,17 @@ class AsyncTransferQueueClient:
         timer -- until a batch can be filled or the partition is exhausted for the task;
         ``timeout`` (seconds) bounds the wait. An empty BatchMeta means: exhausted (or,
         with ``wait=False``, nothing ready now).
+
+        ``mode`` is the public TransferQueue's: only ``"fetch"`` (the default) is served;
+        there is no ``"force_fetch"`` (read rows by key with ``kv_get``, or look at
+        ``partition_info`` / ``get_production_status``) and puts allocate their own rows.
         """
+        if mode != "fetch":
+            raise ValueError(
+                f"get_meta mode {mode!r} is not supported: only 'fetch' (ready rows, the "
+                "default); read rows without consuming them with kv_get, and put without "
+                "metadata to allocate rows (docs/migrating.md)"
+            )
         call_timeout: float | None
         if wait:
             call_timeout = None if timeout is None else timeout + _WAIT_MARGIN_S
@@ -366,11 +391,15 @@ class AsyncTransferQueueClient:
 
     async def get_data(
         self,
-        meta: BatchMeta,
+        meta: BatchMeta | None = None,
         fields: Sequence[str] | None = None,
         device: torch.device | str | None = None,
+        *,
+        metadata: BatchMeta | None = None,
     ) -> TensorDict:
-        """The data of ``meta``'s rows, in its row order, as a TensorDict."""
+        """The data of ``meta``'s rows, in its row order, as a TensorDict. (``metadata=`` is
+        the public TransferQueue's name for ``meta``.)"""
+        meta = _meta_arg(meta, metadata)
         names = list(fields) if fields is not None else list(meta.fields)
         if not meta.rows or not names:
             return TensorDict({}, batch_size=[len(meta.rows)], device=device)
@@ -462,11 +491,73 @@ class AsyncTransferQueueClient:
         keys = [keys] if isinstance(keys, str) else list(keys)
         await self._controller.call("kv_clear", partition_id, keys)
 
+    # ------------------------------------------- the public TransferQueue's names
+    async def get_partition_list(self) -> list[str]:
+        """The partition ids (the public TransferQueue's name for :meth:`list_partitions`)."""
+        return await self.list_partitions()
+
+    async def set_custom_meta(self, metadata: BatchMeta) -> None:
+        """Send ``metadata``'s tags (``custom_meta``, e.g. set with
+        ``metadata.update_custom_meta``) to the controller: merged into the rows' tags, as
+        :meth:`set_tags` does."""
+        await self.set_tags(metadata, metadata.tags)
+
+    async def async_get_meta(
+        self,
+        data_fields: Sequence[str],
+        batch_size: int,
+        partition_id: str,
+        mode: str = "fetch",
+        task_name: str | None = None,
+        sampling_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> BatchMeta:
+        """:meth:`get_meta` with the public TransferQueue's argument order (``mode`` fourth);
+        ``task_name`` is required (consumption is tracked per task)."""
+        if task_name is None:
+            raise ValueError("get_meta needs a task_name: consumption is tracked per task")
+        return await self.get_meta(
+            data_fields, batch_size, partition_id, task_name, sampling_config, mode=mode, **kwargs
+        )
+
+    async def async_put(
+        self,
+        data: Any,
+        metadata: BatchMeta | None = None,
+        partition_id: str | None = None,
+        tags: Sequence[dict[str, Any]] | None = None,
+    ) -> BatchMeta:
+        """:meth:`put` with the public TransferQueue's argument order (``metadata`` second)."""
+        return await self.put(data, partition_id=partition_id, metadata=metadata, tags=tags)
+
+    async_get_data = get_data
+    async_clear_partition = clear_partition
+    async_clear_samples = clear_samples
+    async_reset_consumption = reset_consumption
+    async_check_consumption_status = check_consumption_status
+    async_check_production_status = check_production_status
+    async_get_consumption_status = get_consumption_status
+    async_get_production_status = get_production_status
+    async_get_partition_list = get_partition_list
+    async_set_custom_meta = set_custom_meta
+    async_kv_list = kv_list
+
     # ------------------------------------------------------------------- streaming
     def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[TensorDict, BatchMeta]]:
         from transferqueue.streaming import stream
 
         return stream(self, *args, **kwargs)
+
+
+def _meta_arg(meta: BatchMeta | None, metadata: BatchMeta | None) -> BatchMeta:
+    """``meta`` (ours) or ``metadata=`` (the public TransferQueue's keyword): exactly one."""
+    if metadata is not None:
+        if meta is not None:
+            raise TypeError("got both meta and metadata= (they are the same argument)")
+        return metadata
+    if meta is None:
+        raise TypeError("missing the BatchMeta argument (meta, or metadata=)")
+    return meta
 
 
 def _sync(name: str) -> Any:
@@ -501,6 +592,14 @@ class TransferQueueClient:
     def config(self) -> Config:
         return self._async.config
 
+    def __enter__(self) -> TransferQueueClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # closes this client's connections only (a later call connects again): the system
+        # keeps running, so ``with tq.get_client() as c:`` is safe
+        self.close()
+
     create_partition = _sync("create_partition")
     reserve = _sync("reserve")
     advance_version = _sync("advance_version")
@@ -517,6 +616,8 @@ class TransferQueueClient:
     get_consumption_status = _sync("get_consumption_status")
     get_production_status = _sync("get_production_status")
     set_tags = _sync("set_tags")
+    set_custom_meta = _sync("set_custom_meta")
+    get_partition_list = _sync("get_partition_list")
     put = _sync("put")
     get_meta = _sync("get_meta")
     get_data = _sync("get_data")

@@ -9,6 +9,7 @@ the plain values the wire codec carries (str, int, list, dict).
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ def _copy_tags(tags: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _alias(name: str, value: Any, upstream: str, upstream_value: Any) -> Any:
+    """One of two keywords that name the same thing (ours, or the public project's)."""
+    if upstream_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"BatchMeta got both {name}= and {upstream}= (they are the same thing)")
+    return upstream_value
+
+
 def _common_lease(metas: Sequence[Any]) -> dict[str, Any]:
     """The lease of batches joined together, when they share one (else none)."""
     leases = {(m.task_name, m.lease) for m in metas if m.rows}
@@ -53,7 +63,7 @@ def _common_lease(metas: Sequence[Any]) -> dict[str, Any]:
     return {}
 
 
-@dataclass
+@dataclass(init=False)
 class BatchMeta:
     """A batch of samples of one partition: rows (in batch order), fields and per-row tags.
 
@@ -71,6 +81,50 @@ class BatchMeta:
     #: with a consumer lease (``get_meta(lease_s=...)``): its task and id, for ack / nack
     task_name: str = ""
     lease: int = 0
+
+    def __init__(
+        self,
+        partition_id: str | None = None,
+        rows: Iterable[int] | None = None,
+        fields: Iterable[str] | None = None,
+        tags: Iterable[Mapping[str, Any]] | None = None,
+        units: Iterable[int] | None = None,
+        task_name: str = "",
+        lease: int = 0,
+        *,
+        global_indexes: Iterable[int] | None = None,
+        partition_ids: Iterable[str] | None = None,
+        field_names: Iterable[str] | None = None,
+        field_schema: Mapping[str, Any] | None = None,
+        custom_meta: Iterable[Mapping[str, Any]] | None = None,
+    ) -> None:
+        # the public TransferQueue's keywords name the same things: global_indexes (rows),
+        # partition_ids (one per row: all the same here), field_names / field_schema's
+        # keys (fields), custom_meta (tags)
+        rows = _alias("rows", rows, "global_indexes", global_indexes)
+        fields = _alias("fields", fields, "field_names", field_names)
+        if field_schema is not None:
+            fields = _alias("fields", fields, "field_schema", list(field_schema))
+        tags = _alias("tags", tags, "custom_meta", custom_meta)
+        if partition_ids is not None:
+            pids = set(partition_ids)
+            if len(pids) > 1 or (partition_id is not None and pids - {partition_id}):
+                raise ValueError(
+                    f"a BatchMeta holds rows of one partition; got partition_ids {sorted(pids)}"
+                    + (f" and partition_id {partition_id!r}" if partition_id is not None else "")
+                )
+            if partition_id is None:
+                partition_id = pids.pop() if pids else ""
+        if partition_id is None:
+            raise TypeError("BatchMeta needs a partition_id (or partition_ids)")
+        self.partition_id = partition_id
+        self.rows = list(rows) if rows is not None else []
+        self.fields = list(fields) if fields is not None else []
+        self.tags = list(tags) if tags is not None else []  # type: ignore[arg-type]
+        self.units = list(units) if units is not None else []
+        self.task_name = task_name
+        self.lease = lease
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition_id, str):
@@ -105,8 +159,9 @@ class BatchMeta:
         return not self.rows
 
     @classmethod
-    def empty(cls, partition_id: str, fields: Sequence[str] = ()) -> BatchMeta:
-        """An empty batch of ``partition_id``."""
+    def empty(cls, partition_id: str = "", fields: Sequence[str] = ()) -> BatchMeta:
+        """An empty batch of ``partition_id`` (of none, as the public TransferQueue's
+        ``BatchMeta.empty()``, when left out)."""
         return cls(partition_id=partition_id, rows=[], fields=list(fields), tags=[])
 
     def _take(self, start: int, stop: int) -> BatchMeta:
@@ -177,9 +232,10 @@ class BatchMeta:
             else [],
         )
 
-    def select_fields(self, fields: Sequence[str]) -> BatchMeta:
-        """The same rows with only ``fields`` (each must be one of this batch's fields)."""
-        fields = _check_str_list("fields", fields)
+    def select_fields(self, fields: str | Sequence[str]) -> BatchMeta:
+        """The same rows with only ``fields`` (a field or a list; each must be one of this
+        batch's fields)."""
+        fields = _check_str_list("fields", [fields] if isinstance(fields, str) else fields)
         missing = [f for f in fields if f not in self.fields]
         if missing:
             raise ValueError(f"fields {missing} are not in this batch (it has {self.fields})")
@@ -187,6 +243,90 @@ class BatchMeta:
             self.partition_id, list(self.rows), fields, self.tags, list(self.units),
             self.task_name, self.lease,
         )  # fmt: skip
+
+    # ------------------------------------------- the public TransferQueue's names
+    @property
+    def global_indexes(self) -> list[int]:
+        """The rows, in batch order (the public TransferQueue's name for :attr:`rows`)."""
+        return self.rows
+
+    @global_indexes.setter
+    def global_indexes(self, rows: Iterable[int]) -> None:
+        self.rows = _check_row_list(rows)
+
+    @property
+    def partition_ids(self) -> list[str]:
+        """One partition id per row (a BatchMeta holds rows of one partition)."""
+        return [self.partition_id] * len(self.rows)
+
+    @property
+    def field_names(self) -> list[str]:
+        """The fields (the public TransferQueue's name for :attr:`fields`; in this batch's
+        order, not sorted)."""
+        return list(self.fields)
+
+    @property
+    def custom_meta(self) -> list[dict[str, Any]]:
+        """The per-row tag dicts (the public TransferQueue's name for :attr:`tags`)."""
+        return self.tags
+
+    def get_all_custom_meta(self) -> list[dict[str, Any]]:
+        """A copy of the per-row tags, one dict per row in batch order."""
+        return copy.deepcopy(self.tags)
+
+    def update_custom_meta(
+        self, custom_meta: Sequence[Mapping[str, Any]] | Mapping[int, Mapping[str, Any]] | None
+    ) -> None:
+        """Merge tags into this batch's rows, locally: a list of one dict per row, or a dict
+        ``{row: dict}``. Send them with ``client.set_custom_meta(meta)`` (or ``set_tags``)."""
+        if custom_meta is None:
+            return
+        if isinstance(custom_meta, Mapping):
+            where = {r: i for i, r in enumerate(self.rows)}
+            unknown = [r for r in custom_meta if r not in where]
+            if unknown:
+                raise ValueError(f"rows {unknown} are not in this batch (it has {self.rows})")
+            for row, update in custom_meta.items():
+                self.tags[where[row]].update(update)
+            return
+        updates = _copy_tags(custom_meta)
+        if len(updates) != len(self.rows):
+            raise ValueError(
+                f"custom_meta must hold one dict per row: {len(self.rows)} rows, "
+                f"{len(updates)} dicts"
+            )
+        for tags, update in zip(self.tags, updates):
+            tags.update(update)
+
+    def clear_custom_meta(self) -> None:
+        """Forget this batch's tags, locally (the controller's stay)."""
+        self.tags = [{} for _ in self.rows]
+
+    def select_samples(self, sample_indices: Sequence[int]) -> BatchMeta:
+        """The rows at ``sample_indices`` (positions in this batch), in that order."""
+        idx = _check_row_list(sample_indices)
+        bad = [i for i in idx if not 0 <= i < len(self.rows)]
+        if bad:
+            raise IndexError(f"sample indices {bad} are out of range for {len(self)} rows")
+        return BatchMeta(
+            self.partition_id, [self.rows[i] for i in idx], list(self.fields),
+            [dict(self.tags[i]) for i in idx],
+            [self.units[i] for i in idx] if self.units else [], self.task_name, self.lease,
+        )  # fmt: skip
+
+    def reorder(self, indices: Sequence[int]) -> None:
+        """Put the rows in the order of ``indices`` (a permutation of positions), in place."""
+        idx = _check_row_list(indices)
+        if sorted(idx) != list(range(len(self.rows))):
+            raise ValueError(f"reorder needs a permutation of range({len(self)}); got {idx}")
+        self.rows = [self.rows[i] for i in idx]
+        self.tags = [self.tags[i] for i in idx]
+        if self.units:
+            self.units = [self.units[i] for i in idx]
+
+    def chunk_by_partition(self) -> list[BatchMeta]:
+        """One batch per partition: this batch (it holds rows of one partition)."""
+        return [self]
 
     # ------------------------------------------------------------------ wire
     def to_plain(self) -> dict[str, Any]:
