@@ -212,3 +212,20 @@ def test_a_key_another_put_is_writing_is_busy_and_a_retry_after_expiry_gets_a_fr
     state.commit_put(writing.lease)
     update = state.begin_put("kv", F32_SPEC, now=2, rows=writing.rows.tolist())  # now fine
     state.commit_put(update.lease)
+
+
+def test_a_row_cleared_while_a_put_rewrites_it_is_cleared_again_before_reuse() -> None:
+    state = ControllerState(num_units=2)
+    first = state.begin_put("p", F32_SPEC, now=0, n=1)
+    state.commit_put(first.lease)
+    row = first.rows.tolist()
+    update = state.begin_put("p", {"y": F32}, now=0, rows=row)  # e.g. a key put again
+    groups = state.drop_rows("p", row)  # cleared meanwhile; its clear reaches the unit
+    state.recycle("p", state.generation("p"), [r for rs in groups.values() for r in rs])
+    # the update's bytes may still land after that clear: the row is not reused yet
+    assert state.begin_put("p", F32_SPEC, now=0, n=1).rows.tolist() != row
+    rel = state.end_lease(update.lease)  # the update fails (its rows were cleared)
+    assert rel is not None and rel.rows.tolist() == row  # so its bytes are cleared again
+    assert rel.by_unit() == {int(first.units[0]): row}
+    state.finish_release(rel)
+    assert state.begin_put("p", F32_SPEC, now=0, n=1).rows.tolist() == row  # reusable now

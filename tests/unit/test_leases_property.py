@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from transferqueue.controller.leases import Release
 from transferqueue.controller.partition import COMMITTED, INFLIGHT
 from transferqueue.controller.state import ControllerState
-from transferqueue.errors import PutLeaseExpiredError, SchemaError
+from transferqueue.errors import PutLeaseExpiredError, RowsBusyError, SchemaError
 
 PID = "p"
 SPECS = [{"x": {"dtype": "torch.float32", "ndim": 1}}, {"x": {"dtype": "torch.int64", "ndim": 1}}]
@@ -39,6 +39,20 @@ class LeaseMachine(RuleBasedStateMachine):
         try:
             lease = self.state.begin_put(PID, SPECS[spec], now=self.now, n=n)
         except SchemaError:  # refused up front: the field already holds the other dtype
+            return
+        self.leases[lease.lease] = lease.rows
+
+    @rule(data=st.data())
+    def begin_update(self, data: st.DataObject) -> None:
+        """A put of new fields into committed rows (a restarted producer re-putting a key)."""
+        part = self.state._parts[PID]
+        committed = np.flatnonzero(part.state[: part.n] == COMMITTED).tolist()
+        if not committed:
+            return
+        rows = data.draw(st.lists(st.sampled_from(committed), min_size=1, max_size=2, unique=True))
+        try:
+            lease = self.state.begin_put(PID, SPECS[0], now=self.now, rows=rows)
+        except (RowsBusyError, SchemaError, ValueError):
             return
         self.leases[lease.lease] = lease.rows
 
@@ -90,7 +104,9 @@ class LeaseMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.drains)
     @rule(data=st.data())
     def unit_clear_arrives(self, data: st.DataObject) -> None:
-        i = data.draw(st.integers(0, len(self.drains) - 1))
+        self.unit_clear_arrives_now(data.draw(st.integers(0, len(self.drains) - 1)))
+
+    def unit_clear_arrives_now(self, i: int) -> None:
         groups, rel, generation = self.drains.pop(i)
         for unit, rows in groups.items():
             for r in rows:
@@ -127,11 +143,12 @@ class LeaseMachine(RuleBasedStateMachine):
         # the stream ends
         for rel in self.state.expire(float("inf")):
             self.drains.append((rel.by_unit(), rel, self.state.generation(PID)))
-        for _, rel, _generation in self.drains:
-            if rel is not None:
-                self.state.finish_release(rel)
+        while self.drains:  # every clear lands, then its rows are given back
+            self.unit_clear_arrives_now(0)
         part = self.state._parts[PID]
         assert not (part.state[: part.n] == INFLIGHT).any()
+        leaked = [r for r in self.bytes if part.state[r] != COMMITTED]
+        assert not leaked, f"bytes of rows {leaked} stay on the units after every clear"
         self.state.seal(PID)
         while True:
             meta = self.state.get_meta(PID, "t", ["x"], 2)

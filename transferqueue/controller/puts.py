@@ -223,13 +223,19 @@ class PutsAndBytes:
         fresh = np.isin(lease.rows, lease.fresh)
         rows, units = lease.rows[fresh], lease.units[fresh]
         part = self._parts.get(lease.pid)
-        if part is not None and part.generation == lease.generation and len(rows):
+        if part is not None and part.generation == lease.generation and len(lease.rows):
             mine = part.state[rows] == INFLIGHT  # not cleared or lost meanwhile
             rows, units = rows[mine], units[mine]
             for r in rows.tolist():  # a retry of these keys gets fresh rows at once
                 key = part.row_keys.pop(r, None)
                 if key is not None:
                     del part.keys[key]
+            # rows cleared while this put wrote them: its bytes may have landed after the
+            # clear, so they are cleared again (they were kept from reuse until now)
+            st, held = part.state[lease.rows], part.unit[lease.rows] >= 0
+            stale = (st == DEAD) & held
+            rows = np.concatenate([rows, lease.rows[stale]])
+            units = np.concatenate([units, lease.units[stale]])
         elif part is not None:  # cleared and created again: these row ids may be reused
             rows, units = rows[:0], units[:0]
         return Release(lease.pid, lease.generation, rows, units, lease.slots, reason)
@@ -244,9 +250,11 @@ class PutsAndBytes:
         part = self._parts.get(rel.pid)
         if part is None or part.generation != rel.generation or not len(rel.rows):
             return []
-        rows = rel.rows[part.state[rel.rows] == INFLIGHT]
+        st = part.state[rel.rows]
+        rows = rel.rows[st == INFLIGHT]
         part.unit[rows] = NO_UNIT
         self.release(rel.pid, rows, rel.slots)
+        self._recycle_free(part, rel.rows[st == DEAD])  # cleared meanwhile: reusable now
         return rows.tolist()
 
     # ------------------------------------------------------------ bytes on units
@@ -268,10 +276,25 @@ class PutsAndBytes:
         return out
 
     def recycle(self, pid: str, generation: int, rows: Sequence[int]) -> None:
-        """The bytes of dropped ``rows`` are gone from the units: the rows may be reused."""
+        """The bytes of dropped ``rows`` are gone from the units: the rows may be reused --
+        except rows a live put is still writing (its bytes may land after the clear): they
+        are cleared again and reused when that put's lease ends."""
         part = self._parts.get(pid)
         if part is not None and part.generation == generation:
-            part.recycle(rows_array(rows))
+            self._recycle_free(part, rows_array(rows))
+
+    def _recycle_free(self, part: Partition, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        writing = {
+            r
+            for lease in self.leases.values()
+            if lease.pid == part.pid
+            for r in lease.rows.tolist()
+        }
+        if writing:
+            rows = rows[~np.isin(rows, list(writing))]
+        part.recycle(rows)
 
     def mark_unit_dead(self, unit: int) -> dict[str, int]:
         """Storage unit ``unit`` died: rows whose bytes lived there are lost (counted in
