@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from doc_examples import ROOT, python_blocks, run_block
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "migrating.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+BLOCKS = python_blocks(ROOT / "docs" / "migrating.md")
 
 
 def test_the_doc_shows_runnable_examples() -> None:
@@ -20,12 +14,5 @@ def test_the_doc_shows_runnable_examples() -> None:
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_docs_migrating_python_block_runs(index: int, python_env: dict[str, str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", "-c", BLOCKS[index]],
-        capture_output=True,
-        text=True,
-        env=python_env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_block(BLOCKS[index], python_env, "-W", "error")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+from doc_examples import ROOT, python_blocks, run_block
 
 
 def test_readme_python_examples_run(python_env) -> None:
     blocks = python_blocks(ROOT / "README.md")
     assert blocks, "README.md should show a runnable example"
     for code in blocks:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env=python_env,
-            timeout=120,
-        )
+        proc = run_block(code, python_env)
         assert proc.returncode == 0, proc.stderr

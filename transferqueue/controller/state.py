@@ -74,7 +74,6 @@ from transferqueue.errors import (
     PartitionNotFoundError,
     PartitionSealedError,
     SamplerError,
-    SchemaError,
 )
 from transferqueue.metadata import BatchMeta
 
@@ -300,16 +299,7 @@ class ControllerState(PutsAndBytes, StatusQueries):
         part = self._get(pid)
         arr = rows_array(rows)
         part.check_rows(arr, "commit")
-        specs = {name: FieldSpec.from_plain(spec) for name, spec in fields.items()}
-        for name, spec in specs.items():
-            if not isinstance(name, str):
-                raise TypeError(f"field names must be str, got {name!r}")
-            old = part.specs.get(name)
-            if old is not None and old != spec:
-                raise SchemaError(
-                    f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
-                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
-                )
+        specs = self._check_specs(pid, fields)
         checked = check_tags(tags, len(arr))
         for name, spec in specs.items():
             if name not in part.specs:
