@@ -19,8 +19,8 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,6 +32,7 @@ from transferqueue.loop import background
 from transferqueue.metadata import BatchMeta, PartitionInfo
 
 log = logging.getLogger("transferqueue.controller")
+T = TypeVar("T")
 
 #: seconds a storage unit reported dead has to answer before its rows are declared lost
 _CONFIRM_TIMEOUT_S = 2.0
@@ -364,25 +365,20 @@ class ControllerActor:
         reserve what fits now. ``TimeoutError`` after ``timeout`` seconds."""
         meta = self._state.reserve(pid, n, version, partial=not wait)
         if meta is None:
-            loop = asyncio.get_running_loop()
-            deadline = None if timeout is None else loop.time() + timeout
+            generation = self._state.generation(pid)
+
+            def admitted() -> BatchMeta | None:
+                if self._state.generation(pid) != generation:
+                    raise PartitionNotFoundError(f"partition {pid!r} was cleared")
+                return self._state.reserve(pid, n, version)
+
             self._reserving[pid] = self._reserving.get(pid, 0) + 1
             try:
-                while meta is None:
-                    left = None if deadline is None else deadline - loop.time()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(
-                            f"no room to reserve {n} slot(s) of partition {pid!r} within "
-                            f"{timeout} s: the trainer has not advanced its version"
-                        )
-                    generation = self._state.generation(pid)
-                    try:
-                        await self._waiters.setdefault(pid, _Waiters()).wait(left)
-                    except asyncio.TimeoutError:
-                        continue
-                    if self._state.generation(pid) != generation:
-                        raise PartitionNotFoundError(f"partition {pid!r} was cleared")
-                    meta = self._state.reserve(pid, n, version)
+                meta = await self._until(
+                    pid, admitted, timeout,
+                    f"no room to reserve {n} slot(s) of partition {pid!r} within {timeout} s: "
+                    f"the trainer has not advanced its version",
+                )  # fmt: skip
             finally:
                 self._reserving[pid] -= 1
         self._changed(pid)  # consumers may wait for these slots now
@@ -480,6 +476,23 @@ class ControllerActor:
             while len(self._withdrawn) > _WITHDRAWN_KEPT:
                 self._withdrawn.popitem(last=False)
 
+    async def _until(
+        self, pid: str, ready: Callable[[], T | None], timeout: float | None, late: str
+    ) -> T:
+        """``ready()`` once it is not None, re-checked after every change of ``pid`` (never
+        polling); ``TimeoutError(late)`` after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while (got := ready()) is None:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise TimeoutError(late)
+            try:
+                await self._waiters.setdefault(pid, _Waiters()).wait(left)
+            except asyncio.TimeoutError:
+                raise TimeoutError(late) from None
+        return got
+
     async def _wait_turn(
         self, key: tuple[Any, ...], pid: str, attempt: Any, withdrawn: Any, timeout: float | None
     ) -> BatchMeta:
@@ -544,25 +557,19 @@ class ControllerActor:
         """``{partition: {key: tags}}`` (``where``: keys whose tags match). With
         ``min_count``, waits -- woken by puts and tag changes, never polling -- until at
         least that many keys of ``pid`` match; ``TimeoutError`` after ``timeout``."""
-        found = self._state.kv_list(pid, where)
         if min_count is None:
-            return found
+            return self._state.kv_list(pid, where)
         if pid is None:
             raise ValueError("kv_list with min_count waits on one partition: give partition_id")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while len(found.get(pid, {})) < min_count:
-            left = None if deadline is None else deadline - loop.time()
-            try:
-                if left is not None and left <= 0:
-                    raise asyncio.TimeoutError
-                await self._waiters.setdefault(pid, _Waiters()).wait(left)
-            except asyncio.TimeoutError:
-                raise TimeoutError(
-                    f"fewer than {min_count} keys of partition {pid!r} matched within {timeout} s"
-                ) from None
+
+        def enough() -> dict[str, dict[str, dict[str, Any]]] | None:
             found = self._state.kv_list(pid, where)
-        return found
+            return found if len(found.get(pid, {})) >= min_count else None
+
+        return await self._until(
+            pid, enough, timeout,
+            f"fewer than {min_count} keys of partition {pid!r} matched within {timeout} s",
+        )  # fmt: skip
 
     async def kv_clear(self, pid: str, keys: Sequence[str]) -> list[int]:
         """Forget ``keys`` (keys already gone are ignored, as Redis ``DEL``); returns the
