@@ -23,19 +23,9 @@ import zlib
 from collections import Counter
 from typing import Any
 
+from _common import vm_kib
+
 FIELDS = ["data", "info"]
-
-
-def vm_kib(pid: int, field: str) -> int | None:
-    """``field`` (``VmRSS``, ``VmHWM``) of ``/proc/<pid>/status`` in KiB; None if gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def row_of(base: Any, producer: int, seq: int, row_bytes: int) -> tuple[Any, int]:

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import Table, print_grid
+from _common import Table, print_grid, vm_kib
 from tensordict import TensorDict
 
 #: keys per cycle
@@ -33,20 +33,8 @@ TARGET_RATIO = 1.2
 PARTITION = "soak"
 
 
-def _status_kib(pid: int, field: str) -> int | None:
-    """``field`` (``VmRSS``, ``VmHWM``) of ``/proc/<pid>/status`` in KiB; None if gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def rss_mib(pid: int) -> float:
-    kib = _status_kib(pid, "VmRSS")
+    kib = vm_kib(pid, "VmRSS")
     return float("nan") if kib is None else kib / 1024
 
 
