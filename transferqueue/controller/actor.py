@@ -85,6 +85,7 @@ class ControllerActor:
         self._units: list[ActorRef] = []
         self._tasks: set[asyncio.Future[Any]] = set()  # unit watchers, drains
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # the wall-clock deadline the timer is set for
         self._space = _Waiters()  # woken when bytes are freed
         self._clearing: dict[str, asyncio.Event] = {}  # partitions whose bytes are going
         self._reserving: dict[str, int] = {}  # reserve calls waiting for room, per partition
@@ -314,15 +315,18 @@ class ControllerActor:
         return released
 
     def _arm_expiry(self) -> None:
-        """One timer, at the earliest lease deadline (put or consumer lease)."""
+        """One timer, at the earliest lease deadline (put or consumer lease). A new lease
+        ends after the ones before it, so on the hot path the timer set stays: it is only
+        moved earlier (a timer for a lease that ended meanwhile fires, finds nothing and
+        re-arms)."""
         deadline = self._state.next_deadline()
+        if deadline is None or (self._timer is not None and self._timer_at <= deadline):
+            return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, deadline - time.time())
-            self._timer = loop.call_later(delay, self._on_expiry)
+        self._timer_at = deadline
+        delay = max(0.0, deadline - time.time())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_expiry)
 
     def _on_expiry(self) -> None:
         self._timer = None
