@@ -166,7 +166,7 @@ class BareZmq:
         import zmq
 
         code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import _actors; _actors.bare_zmq_server({reply!r})"
-        # the malloc settings transferqueue's processes use (transferqueue.memory), so the
+        # the malloc settings transferqueue's processes use (transferqueue.runtime.memory), so the
         # bare server, too, receives into reused pages rather than fresh ones
         env = {
             **os.environ,
@@ -227,7 +227,7 @@ def zmq_config() -> Any:
     system = _shared.get("zmq")
     if system is None:
         from transferqueue.config import load_config
-        from transferqueue.loop import runtime_loop
+        from transferqueue.runtime.loop import runtime_loop
         from transferqueue.system import start_system
 
         system = runtime_loop().run(start_system(load_config({"transport": "zmq"})))
@@ -239,7 +239,7 @@ def zmq_config() -> Any:
 def _stop_shared() -> None:
     system = _shared.pop("zmq", None)
     if system is not None:
-        from transferqueue.loop import runtime_loop
+        from transferqueue.runtime.loop import runtime_loop
 
         runtime_loop().run(system.aclose(), timeout=60)
 

@@ -27,7 +27,7 @@ def producer_stopped_after_begin(config: Any, pid: str, conn: Connection) -> Non
 
 def owner(conn: Connection) -> None:
     """Start a zmq system, report its actor processes' pids, wait to be killed."""
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
     from transferqueue.system import current
 
     tq.init({"transport": "zmq", "storage": {"units": 2}})

@@ -37,13 +37,13 @@ import torch
 from _common import Table, p50, pct, zmq_config
 
 import transferqueue as tq
-from transferqueue.actor import ActorRef, Address
-from transferqueue.columns import field_spec
+from transferqueue.client.columns import field_spec
 from transferqueue.config import Config
 from transferqueue.controller.actor import ControllerActor
 from transferqueue.controller.state import ControllerState, FieldSpec
-from transferqueue.loop import runtime_loop
-from transferqueue.transports.inproc import InprocTransport
+from transferqueue.runtime.actor import ActorRef, Address
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports.inproc import InprocTransport
 
 SPEC = FieldSpec("torch.float32", 1)
 WIRE_SPEC = {"x": field_spec(torch.zeros(1, 1))}

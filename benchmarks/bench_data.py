@@ -46,7 +46,7 @@ from _common import BareZmq, MiB, fmt, p50, print_grid, rate, setup_path, zmq_co
 from tensordict import TensorDict
 
 import transferqueue as tq
-from transferqueue import codec
+from transferqueue.runtime import codec
 
 DTYPES = [torch.int64, torch.int64, torch.int64, torch.float32, torch.float32]
 #: the public TransferQueue 0.1.11 on this machine (single storage unit), quoted in issue 4

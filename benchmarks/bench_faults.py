@@ -39,8 +39,8 @@ from _common import Table
 
 from transferqueue.config import load_config
 from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
-from transferqueue.loop import runtime_loop
 from transferqueue.metadata import BatchMeta
+from transferqueue.runtime.loop import runtime_loop
 from transferqueue.system import System, start_system
 
 LEASE_S = 1.0

@@ -342,7 +342,7 @@ class Run:
 def run(quick: bool = False) -> dict[str, Any]:
     import transferqueue as tq
     import transferqueue.system as tq_system
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
 
     setup_path()
     threads = os.environ.get("TQ_STRESS_TORCH_THREADS")

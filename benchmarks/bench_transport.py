@@ -33,9 +33,9 @@ import _common
 import torch
 from _common import BareZmq, MiB, Table, p50, pct, rate
 
-from transferqueue import codec
 from transferqueue.config import Config
-from transferqueue.loop import runtime_loop
+from transferqueue.runtime import codec
+from transferqueue.runtime.loop import runtime_loop
 
 PAYLOAD_MIB = 128
 DTYPES = [torch.int64, torch.int64, torch.int64, torch.float32, torch.float32]
@@ -68,7 +68,7 @@ async def _empty_calls(ref: Any, n: int) -> list[float]:
 def _zmq(quick: bool, table: Table, figures: dict[str, Any]) -> None:
     from _actors import Echo
 
-    from transferqueue.transports.zmq import ZmqTransport
+    from transferqueue.runtime.transports.zmq import ZmqTransport
 
     loop = runtime_loop()
     tensors, nbytes = payload()
@@ -155,7 +155,7 @@ def _zmq(quick: bool, table: Table, figures: dict[str, Any]) -> None:
 def _inproc(quick: bool, table: Table, figures: dict[str, Any]) -> None:
     from _actors import Echo
 
-    from transferqueue.transports.inproc import InprocTransport
+    from transferqueue.runtime.transports.inproc import InprocTransport
 
     loop = runtime_loop()
     handle = loop.run(InprocTransport(Config()).spawn(Echo))
@@ -206,7 +206,7 @@ def _ray(quick: bool, table: Table, figures: dict[str, Any]) -> None:
         return
     from _actors import Echo, RayEcho
 
-    from transferqueue.transports.ray import RayTransport
+    from transferqueue.runtime.transports.ray import RayTransport
 
     _common.setup_path()  # PYTHONPATH for the workers, before they start
     loop = runtime_loop()

@@ -5,12 +5,12 @@ several repeats) for
 
 1. the raw libraries on plain dicts (no tuples, no tensors): what each costs at best;
 2. a complete strategy with each library, keeping tuples as tuples and tensors as frames:
-   - msgpack (what ``transferqueue.codec`` does): a reused ``Packer(strict_types=True)``
+   - msgpack (what ``transferqueue.runtime.codec`` does): a reused ``Packer(strict_types=True)``
      walks the tree in C and calls back into Python only for tuples and tensors, which it
      writes as marker lists; ``unpackb(list_hook=...)`` rebuilds them;
    - msgspec: its encoder writes tuples and sets as arrays without a hook, so a Python walk
      has to convert and validate the tree first;
-3. ``transferqueue.codec`` itself.
+3. ``transferqueue.runtime.codec`` itself.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import msgpack
 import msgspec
 import torch
 
-from transferqueue import codec
+from transferqueue.runtime import codec
 
 SMALL = {
     "id": 17,
@@ -133,7 +133,7 @@ def main() -> None:
         number = 50 if obj is BATCH_META else 5000
         spec_us = best_us(functools.partial(_msgspec_full, obj), number)
         row(label, spec_us, best_us(functools.partial(_codec_full, obj), number))
-    print("(ratio > 1: msgpack is faster. transferqueue.codec uses msgpack)")
+    print("(ratio > 1: msgpack is faster. transferqueue.runtime.codec uses msgpack)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from transferqueue.errors import PartitionSealedError
-from transferqueue.transports._protocol import current_deadline
+from transferqueue.runtime.transports._protocol import current_deadline
 
 
 class CustomError(Exception):

@@ -96,7 +96,7 @@ def python() -> str:
 def system(base_config: dict):
     """A running system (controller + 2 storage units) on the transport under test."""
     from transferqueue.config import load_config
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
     from transferqueue.system import start_system
 
     started = runtime_loop().run(start_system(load_config(base_config)))

@@ -22,8 +22,8 @@ from actors import Echo
 
 from transferqueue.config import load_config
 from transferqueue.errors import ActorDiedError
-from transferqueue.transports import transport_class
-from transferqueue.transports.base import ActorHandle, ActorRef
+from transferqueue.runtime.transports import transport_class
+from transferqueue.runtime.transports.base import ActorHandle, ActorRef
 
 #: a dead actor's calls must fail within this (the call timeout below is 30 s)
 DEATH_S = 2.0
@@ -155,7 +155,7 @@ OWNER = """
 import asyncio, os, sys
 from actors import Echo
 from transferqueue.config import load_config
-from transferqueue.transports import transport_class
+from transferqueue.runtime.transports import transport_class
 
 async def main():
     config = load_config({"transport": sys.argv[1], "ray": {"namespace": "tq-fault-owner"}})
@@ -212,6 +212,6 @@ def test_actors_exit_when_their_owner_is_killed(
 
 
 def test_handle_ref_is_an_actor_ref(base_config: dict) -> None:
-    from transferqueue import actor
+    from transferqueue.runtime import actor
 
     assert actor.ActorRef is ActorRef  # the runtime's front door re-exports it

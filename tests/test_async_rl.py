@@ -15,7 +15,7 @@ import torch
 
 import transferqueue as tq
 from transferqueue.config import load_config
-from transferqueue.loop import runtime_loop
+from transferqueue.runtime.loop import runtime_loop
 from transferqueue.system import start_system
 
 pytestmark = pytest.mark.timeout(90)

@@ -15,9 +15,9 @@ from conftest import ROOT
 
 import transferqueue as tq
 from transferqueue.__main__ import _parser
+from transferqueue.cli.serve import _config
 from transferqueue.config import config_file_path, load_config, read_config_file
 from transferqueue.errors import ConfigError
-from transferqueue.serve import _config
 
 YAML = """\
 transport: inproc

@@ -188,7 +188,7 @@ async def test_cancel_wait_withdraws_a_queued_call_or_one_that_has_not_arrived()
 def test_a_sync_call_whose_caller_gives_up_is_cancelled() -> None:
     import threading
 
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
 
     cancelled = threading.Event()
 

@@ -25,7 +25,7 @@ import torch
 import transferqueue as tq
 from transferqueue.config import load_config
 from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
-from transferqueue.loop import runtime_loop
+from transferqueue.runtime.loop import runtime_loop
 from transferqueue.system import System, start_system
 
 pytestmark = pytest.mark.timeout(90)

@@ -10,9 +10,9 @@ import torch
 from tensordict import TensorDict
 
 import transferqueue as tq
-from transferqueue import metrics
 from transferqueue.config import load_config
 from transferqueue.errors import ConfigError, PartitionNotFoundError
+from transferqueue.ops import metrics
 from transferqueue.system import current
 
 pytest.importorskip("prometheus_client")
@@ -111,7 +111,7 @@ def test_metrics_are_off_by_default_and_the_port_is_checked() -> None:
 
 
 def test_the_endpoint_stops_from_async_code_too() -> None:
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
 
     tq.init({"transport": "inproc", "metrics": {"port": 0}})
     try:

@@ -255,11 +255,11 @@ def test_public_properties_do_not_change_by_accident() -> None:
 
 
 RUNTIME = {
-    "transferqueue.actor",
+    "transferqueue.runtime.actor",
     "transferqueue.config",
     "transferqueue.errors",
-    "transferqueue.loop",
-    "transferqueue.transports",
+    "transferqueue.runtime.loop",
+    "transferqueue.runtime.transports",
 }
 
 

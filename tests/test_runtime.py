@@ -16,7 +16,6 @@ import torch
 from actors import Echo, FailingStart
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
-from transferqueue.actor import ActorRef
 from transferqueue.config import load_config
 from transferqueue.errors import (
     ActorClosedError,
@@ -26,9 +25,10 @@ from transferqueue.errors import (
     RemoteError,
     TransportUnavailableError,
 )
-from transferqueue.loop import runtime_loop
-from transferqueue.transports import transport_class
-from transferqueue.transports.base import ActorHandle, Transport
+from transferqueue.runtime.actor import ActorRef
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports import transport_class
+from transferqueue.runtime.transports.base import ActorHandle, Transport
 
 
 def make_transport(base_config: dict) -> Transport:
@@ -280,7 +280,7 @@ def test_inproc_ref_in_forked_child_says_what_to_do(base_config: dict) -> None:
     try:
         with pytest.raises(TransportUnavailableError, match="zmq"):
             type(handle.ref)  # same process works
-            from transferqueue.transports.inproc import InprocTransport
+            from transferqueue.runtime.transports.inproc import InprocTransport
 
             addr = handle.ref.address
             InprocTransport.connect(

@@ -17,8 +17,8 @@ import torch
 
 from transferqueue.config import load_config
 from transferqueue.controller.samplers import GRPOGroupNSampler
-from transferqueue.loop import runtime_loop
 from transferqueue.metadata import BatchMeta
+from transferqueue.runtime.loop import runtime_loop
 from transferqueue.streaming import stream
 from transferqueue.system import System, start_system
 

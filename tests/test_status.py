@@ -24,10 +24,9 @@ from tensordict import TensorDict
 import transferqueue as tq
 from transferqueue.config import load_config
 from transferqueue.errors import PartitionNotFoundError
-from transferqueue.loop import runtime_loop
-from transferqueue.status import collect, controller_of, quantile, report
-from transferqueue.system import System, start_system
-from transferqueue.transports._protocol import (
+from transferqueue.ops.status import collect, controller_of, quantile, report
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports._protocol import (
     LATENCY_BOUNDS,
     STATS,
     Dispatcher,
@@ -35,6 +34,7 @@ from transferqueue.transports._protocol import (
     encode_request,
     outcome,
 )
+from transferqueue.system import System, start_system
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import transferqueue as tq
-from transferqueue.client import AsyncTransferQueueClient
+from transferqueue.client.async_client import AsyncTransferQueueClient
 from transferqueue.config import Config, load_config
 from transferqueue.controller.samplers import BaseSampler, RankAwareSampler, SeqlenBalancedSampler
 from transferqueue.errors import TransportUnavailableError
-from transferqueue.loop import runtime_loop
 from transferqueue.metadata import BatchMeta
+from transferqueue.runtime.loop import runtime_loop
 from transferqueue.streaming import split_micro_batches, stream
 from transferqueue.system import System, start_system
 
@@ -429,7 +429,7 @@ async def test_seqlen_balanced_ranks_share_every_global_batch(ranked_system, pid
 
 
 def test_a_stream_closed_on_the_loop_thread_logs_its_failure(caplog) -> None:
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
     from transferqueue.streaming import _finish
 
     async def failing_close() -> None:

@@ -16,7 +16,7 @@ import torch
 import transferqueue as tq
 from transferqueue.config import load_config
 from transferqueue.errors import ConfigError, StorageFullError
-from transferqueue.loop import runtime_loop
+from transferqueue.runtime.loop import runtime_loop
 from transferqueue.system import attach_system, start_system
 
 

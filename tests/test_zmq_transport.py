@@ -16,8 +16,8 @@ from actors import Echo
 
 from transferqueue.config import load_config
 from transferqueue.errors import ActorError, ProtocolError
-from transferqueue.transports._protocol import Envelope, decode_reply, encode_request
-from transferqueue.transports.zmq import ZmqTransport
+from transferqueue.runtime.transports._protocol import Envelope, decode_reply, encode_request
+from transferqueue.runtime.transports.zmq import ZmqTransport
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ import asyncio, sys
 from actors import Echo
 from transferqueue.config import load_config
 from transferqueue.errors import ActorError, ProtocolError
-from transferqueue.transports._protocol import Envelope, decode_reply, encode_request
-from transferqueue.transports.zmq import ZmqTransport
+from transferqueue.runtime.transports._protocol import Envelope, decode_reply, encode_request
+from transferqueue.runtime.transports.zmq import ZmqTransport
 
 async def main():
     handle = await ZmqTransport(load_config({"transport": "zmq"})).spawn(Echo)

@@ -4,7 +4,7 @@ Rollout workers put samples field by field; training tasks consume them in micro
 as soon as the fields they need are ready. See README.md.
 """
 
-from transferqueue.client import AsyncTransferQueueClient, TransferQueueClient
+from transferqueue.client.async_client import AsyncTransferQueueClient, TransferQueueClient
 from transferqueue.config import Config, load_config
 from transferqueue.controller.samplers import (
     BaseSampler,
@@ -46,7 +46,7 @@ from transferqueue.kv import (
     kv_put,
 )
 from transferqueue.metadata import BatchMeta, PartitionInfo
-from transferqueue.status import status
+from transferqueue.ops.status import status
 from transferqueue.streaming import StreamingDataLoader, StreamingDataset
 from transferqueue.system import close, get_async_client, get_client, init
 

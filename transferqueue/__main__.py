@@ -12,7 +12,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the RL-style pipeline demo")
-    from transferqueue.demo import add_arguments
+    from transferqueue.cli.demo import add_arguments
 
     add_arguments(demo)
 
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--protocol", choices=["tcp", "ipc"], help="zmq protocol (default tcp)")
 
     status = sub.add_parser("status", help="watch a running system (read-only)")
-    from transferqueue.status import add_arguments as add_status_arguments
+    from transferqueue.ops.status import add_arguments as add_status_arguments
 
     add_status_arguments(status)
     return parser
@@ -39,18 +39,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from transferqueue.demo import run
+        from transferqueue.cli.demo import run
 
         return run(args)
     if args.command == "bench":
-        from transferqueue.bench import run_benchmarks
+        from transferqueue.cli.bench import run_benchmarks
 
         return run_benchmarks(args.names, json_path=args.json, quick=args.quick)
     if args.command == "status":
-        from transferqueue.status import run as run_status
+        from transferqueue.ops.status import run as run_status
 
         return run_status(args)
-    from transferqueue.serve import serve
+    from transferqueue.cli.serve import serve
 
     return serve(args)
 

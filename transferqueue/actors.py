@@ -17,9 +17,9 @@ this process (``inproc``), from other processes and hosts (``zmq``), or across a
     async with spawn(Counter, 10, transport="zmq") as counter:
         assert await counter.call("add", 5) == 15
 
-This module is a thin layer over the runtime (:mod:`transferqueue.actor`,
-:mod:`transferqueue.transports`, :mod:`transferqueue.errors`, :mod:`transferqueue.config`,
-:mod:`transferqueue.loop`); it knows nothing of partitions, storage or clients. See
+This module is a thin layer over the runtime (:mod:`transferqueue.runtime.actor`,
+:mod:`transferqueue.runtime.transports`, :mod:`transferqueue.errors`, :mod:`transferqueue.config`,
+:mod:`transferqueue.runtime.loop`); it knows nothing of partitions, storage or clients. See
 ``docs/actors.md``.
 """
 
@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from transferqueue.actor import DEFAULT, Actor, ActorRef, Address, current_deadline
 from transferqueue.config import TRANSPORTS, Config, load_config
 from transferqueue.errors import (
     ActorClosedError,
@@ -41,8 +40,9 @@ from transferqueue.errors import (
     RemoteError,
     TransportUnavailableError,
 )
-from transferqueue.loop import runtime_loop
-from transferqueue.transports import base, transport_class
+from transferqueue.runtime.actor import DEFAULT, Actor, ActorRef, Address, current_deadline
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports import base, transport_class
 
 __all__ = [
     "TRANSPORTS",

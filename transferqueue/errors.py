@@ -3,7 +3,7 @@
 Every error the library raises on purpose derives from :class:`TransferQueueError`.
 Some also derive from a builtin (``ValueError``, ``KeyError``, ``TimeoutError``) so that
 callers who catch the builtin keep working. Errors raised inside an actor travel back to
-the caller with the same type (see :mod:`transferqueue.actor`).
+the caller with the same type (see :mod:`transferqueue.runtime.actor`).
 """
 
 from __future__ import annotations

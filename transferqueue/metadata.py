@@ -444,7 +444,7 @@ class PartitionInfo:
 
 
 def _register_wire_types() -> None:
-    from transferqueue import codec
+    from transferqueue.runtime import codec
 
     codec.register_type(BatchMeta, "tq.BatchMeta", BatchMeta.to_plain, BatchMeta.from_plain)
     codec.register_type(

@@ -53,11 +53,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from transferqueue.config import Config, load_config
 from transferqueue.errors import ConfigError, NotInitializedError, TransportUnavailableError
-from transferqueue.loop import LoopThread, background, runtime_loop
 from transferqueue.metadata import BatchMeta
+from transferqueue.runtime.loop import LoopThread, background, runtime_loop
 
 if TYPE_CHECKING:
-    from transferqueue.client import AsyncTransferQueueClient
+    from transferqueue.client.async_client import AsyncTransferQueueClient
     from transferqueue.system import System
 
 __all__ = ["StreamingDataLoader", "StreamingDataset", "split_micro_batches", "stream"]

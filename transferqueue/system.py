@@ -19,15 +19,15 @@ import os
 import threading
 from typing import Any
 
-from transferqueue.actor import ActorRef, Address
-from transferqueue.client import AsyncTransferQueueClient, TransferQueueClient
+from transferqueue.client.async_client import AsyncTransferQueueClient, TransferQueueClient
 from transferqueue.config import Config, apply_env, load_config
 from transferqueue.controller.actor import ControllerActor
 from transferqueue.errors import ConfigError, NotInitializedError, TransportUnavailableError
-from transferqueue.loop import runtime_loop
+from transferqueue.runtime.actor import ActorRef, Address
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports import transport_class
+from transferqueue.runtime.transports.base import ActorHandle
 from transferqueue.storage.unit import StorageUnit
-from transferqueue.transports import transport_class
-from transferqueue.transports.base import ActorHandle
 
 
 class System:
@@ -52,7 +52,7 @@ class System:
         return bool(self.handles)
 
     async def aclose(self) -> None:
-        from transferqueue import metrics
+        from transferqueue.ops import metrics
 
         await metrics.astop(self)
         await self.async_client.close()
@@ -175,7 +175,7 @@ def init(config: Config | Any = None) -> Config:
         else:
             started = runtime_loop().run(start_system(cfg))
             try:  # metrics.port set: this process serves the system's scrape endpoint
-                from transferqueue import metrics
+                from transferqueue.ops import metrics
 
                 metrics.ensure_started(started)
             except BaseException:

@@ -1,4 +1,4 @@
-"""transferqueue.codec: round trips, zero copy, error messages, registered types."""
+"""transferqueue.runtime.codec: round trips, zero copy, error messages, registered types."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
-from transferqueue import codec
-from transferqueue.codec import decode, encode, register_type
+from transferqueue.runtime import codec
+from transferqueue.runtime.codec import decode, encode, register_type
 
 QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 ALL_DTYPES = sorted(

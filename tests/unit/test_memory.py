@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from transferqueue.memory import HUGE_MIN_BYTES, empty
+from transferqueue.runtime.memory import HUGE_MIN_BYTES, empty
 
-CODE = "from transferqueue.memory import tune_malloc_for_large_buffers as t; print(t())"
+CODE = "from transferqueue.runtime.memory import tune_malloc_for_large_buffers as t; print(t())"
 
 # In a child: how many bytes a 64 MiB malloc adds to glibc's mmapped regions (mallinfo2's
 # hblkhd), after ``SETUP`` ran. Untuned glibc maps it fresh; tuned, it comes from the heap.
@@ -31,9 +31,9 @@ libc.free(p)
 """
 CONNECT = """
 import asyncio
-from transferqueue.actor import Address
+from transferqueue.runtime.actor import Address
 from transferqueue.config import load_config
-from transferqueue.transports.zmq import ZmqTransport
+from transferqueue.runtime.transports.zmq import ZmqTransport
 config = load_config({{"transport": "zmq", "zmq": {{"tune_malloc": {tune}}}}})
 async def connect():
     await ZmqTransport.connect(Address("zmq", "tcp://127.0.0.1:9"), config).aclose()

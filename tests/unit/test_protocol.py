@@ -11,10 +11,10 @@ import msgpack
 import pytest
 import torch
 
-from transferqueue import codec
 from transferqueue.errors import ActorError, PartitionSealedError, ProtocolError, RemoteError
-from transferqueue.transports import _protocol as protocol
-from transferqueue.transports._protocol import (
+from transferqueue.runtime import codec
+from transferqueue.runtime.transports import _protocol as protocol
+from transferqueue.runtime.transports._protocol import (
     CANCEL,
     Calls,
     Dispatcher,

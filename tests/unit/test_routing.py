@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from transferqueue.controller.placement import Placement
-from transferqueue.errors import ActorDiedError, SchemaError
-from transferqueue.storage import routing
-from transferqueue.storage.routing import (
+from transferqueue.client import routing
+from transferqueue.client.routing import (
     PIECE_BYTES,
     SMALL,
     STRIPE_ROWS,
@@ -20,6 +18,8 @@ from transferqueue.storage.routing import (
     runs,
     take,
 )
+from transferqueue.controller.placement import Placement
+from transferqueue.errors import ActorDiedError, SchemaError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -287,7 +287,7 @@ def test_a_forked_child_merges_while_the_parent_holds_the_result_pool() -> None:
 def test_non_tensor_columns_come_back_as_one_stack_per_batch() -> None:
     from tensordict import NonTensorStack
 
-    from transferqueue.columns import assemble as assemble_td
+    from transferqueue.client.columns import assemble as assemble_td
 
     for values in (["a", 1, {"k": 2}, None, 2.5, "f"], [[1, 2], [3], "x", (4,), [], {"k": 1}]):
         pos = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])]

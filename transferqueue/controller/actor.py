@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from transferqueue.actor import ActorRef, Address
 from transferqueue.controller.leases import Release
 from transferqueue.controller.state import ControllerState
 from transferqueue.errors import ActorDiedError, PartitionNotFoundError
-from transferqueue.loop import background
 from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.runtime.actor import ActorRef, Address
+from transferqueue.runtime.loop import background
 
 log = logging.getLogger("transferqueue.controller")
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from transferqueue import memory
+from transferqueue.runtime import memory
 
 _LONG_ROW = 256  # average entries per row from which a cat of slices beats an index
 

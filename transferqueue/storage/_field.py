@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferqueue import memory
 from transferqueue.errors import SchemaError
+from transferqueue.runtime import memory
 from transferqueue.storage._arena import JaggedArena, gather_dense, is_range, word_rows
 from transferqueue.storage._pool import BufferPool
 
@@ -178,7 +178,7 @@ class FieldData:
     @staticmethod
     def _from_pieces(name: str, col: dict[str, Any], n: int) -> FieldData:
         """A column sent in runs (views of a caller's batch, see
-        :func:`~transferqueue.storage.routing.take`): ``{"pieces": [tensor, ...]}`` dense
+        :func:`~transferqueue.client.routing.take`): ``{"pieces": [tensor, ...]}`` dense
         rows, or ``{"values": [tensor, ...], "lengths": tensor}`` jagged rows packed."""
         keys = sorted(col)
         parts = col.get("pieces") if keys == ["pieces"] else col.get("values")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from transferqueue import memory
+from transferqueue.runtime import memory
 
 MIN_POOL_BYTES = 256 << 20
 _MAX_WASTE = 4  # a pooled storage serves a request of at least 1/_MAX_WASTE of its size

@@ -1,6 +1,6 @@
-"""The actor process of the zmq transport: ``python -m transferqueue.transports.zmq_actor``.
+"""The actor process of the zmq transport: ``python -m transferqueue.runtime.transports.zmq_actor``.
 
-Started by :class:`~transferqueue.transports.zmq.ZmqTransport` as a fresh interpreter. It
+Started by :class:`~transferqueue.runtime.transports.zmq.ZmqTransport` as a fresh interpreter. It
 reads its start arguments (the owner's ``sys.path``, then target class, args, config) pickled
 from its stdin -- process start arguments on a pipe, never the wire -- builds the actor,
 binds a ROUTER socket, prints ``TQ-ADDRESS <endpoint>`` and serves requests concurrently
@@ -24,9 +24,9 @@ import zmq
 
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError
-from transferqueue.memory import tune_malloc_for_large_buffers
-from transferqueue.transports._protocol import Dispatcher
-from transferqueue.transports.zmq import Pump
+from transferqueue.runtime.memory import tune_malloc_for_large_buffers
+from transferqueue.runtime.transports._protocol import Dispatcher
+from transferqueue.runtime.transports.zmq import Pump
 
 log = logging.getLogger("transferqueue.zmq")
 

@@ -2,7 +2,7 @@
 
 A request is ``[envelope, *body]``: the envelope is one small msgpack frame
 ``[id, method, deadline, token]`` (:class:`Envelope`), decoded apart from the body, which is
-``[args, kwargs]`` through :mod:`transferqueue.codec`. A reply is ``[header, *body]``: the
+``[args, kwargs]`` through :mod:`transferqueue.runtime.codec`. A reply is ``[header, *body]``: the
 header is msgpack ``[id, "r" | "e"]`` and the body the codec frames of the result or of the
 error (:func:`error_to_wire`).
 
@@ -40,7 +40,8 @@ from typing import Any
 
 import msgpack
 
-from transferqueue import codec, errors
+from transferqueue import errors
+from transferqueue.runtime import codec
 
 log = logging.getLogger("transferqueue.protocol")
 

@@ -7,10 +7,10 @@ A transport is small on purpose (compare httpx's ``AsyncBaseTransport``):
 * :meth:`Transport.connect` turns an :class:`Address` into a :class:`Channel` in the process
   and event loop that uses it;
 * a :class:`Channel` sends one request and awaits its reply; many may be in flight. What
-  the frames say is :mod:`transferqueue.transports._protocol`'s business.
+  the frames say is :mod:`transferqueue.runtime.transports._protocol`'s business.
 
 :class:`ActorRef`, the picklable handle callers use, lives here too (and is re-exported by
-:mod:`transferqueue.actor`) so that transports never import the layer above them.
+:mod:`transferqueue.runtime.actor`) so that transports never import the layer above them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from transferqueue.loop import background
-from transferqueue.transports._protocol import deadline_of
+from transferqueue.runtime.loop import background
+from transferqueue.runtime.transports._protocol import deadline_of
 
 if TYPE_CHECKING:
     from transferqueue.config import Config
@@ -86,7 +86,7 @@ class ActorRef:
             del self._channels[dead]  # its channel releases its sockets when collected
         channel = self._channels.get(loop)
         if channel is None:
-            from transferqueue.transports import transport_class
+            from transferqueue.runtime.transports import transport_class
 
             channel = transport_class(self.address.transport).connect(self.address, self.config)
             self._channels[loop] = channel

@@ -72,7 +72,7 @@ _SCALARS = frozenset({type(None), bool, float, str, bytes, bytearray, memoryview
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _SUPPORTED = (
     "supported are None, bool, int, float, str, bytes, list, tuple, dict, torch.Tensor, "
-    "TensorDict, and types added with transferqueue.codec.register_type()"
+    "TensorDict, and types added with transferqueue.runtime.codec.register_type()"
 )
 _NOT_WRITABLE = "The given buffer is not writable"
 _NESTED_PROTOTYPE = "The PyTorch API of nested tensors is in prototype stage"

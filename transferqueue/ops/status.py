@@ -2,7 +2,7 @@
 
 Everything here is read-only calls on the actors, so watching a job never disturbs it:
 the controller's ``system_info``, ``list_partitions`` and ``partition_info``, each storage
-unit's ``stats``, and every actor's built-in :data:`~transferqueue.transports._protocol.STATS`
+unit's ``stats``, and every actor's built-in :data:`~transferqueue.runtime.transports._protocol.STATS`
 request (its dispatcher's cumulative request counters and latency histogram).
 
 :func:`collect` takes one *raw* snapshot; :func:`report` turns one snapshot, or two taken
@@ -23,8 +23,8 @@ from typing import Any
 
 from transferqueue.config import Config, config_file_path, load_config
 from transferqueue.errors import ConfigError, PartitionNotFoundError, TransferQueueError
-from transferqueue.transports._protocol import STATS
-from transferqueue.transports.base import ActorRef, Address
+from transferqueue.runtime.transports._protocol import STATS
+from transferqueue.runtime.transports.base import ActorRef, Address
 
 __all__ = ["Watcher", "collect", "partition_row", "quantile", "report", "status", "storage_row"]
 
@@ -297,7 +297,7 @@ def status(interval: float = 0.0) -> dict[str, Any]:
     With ``interval`` > 0 it takes two snapshots that many seconds apart and the rates and
     p99s are over that window; otherwise since each actor started."""
     from transferqueue import system as tq_system
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
 
     current = tq_system.current()
     watcher = Watcher(controller_of(current))
@@ -309,7 +309,7 @@ def status(interval: float = 0.0) -> dict[str, Any]:
     finally:
         runtime_loop().run(watcher.aclose())
     out = report(now, before)
-    from transferqueue import metrics
+    from transferqueue.ops import metrics
 
     out["metrics_url"] = out["metrics_url"] or metrics.url_of(current)
     return out
@@ -346,7 +346,7 @@ def controller_ref(config: Config) -> ActorRef:
         if isinstance(where, str):
             where = {"transport": config.transport, "endpoint": where}
         return ActorRef(Address.from_plain(where), config)
-    from transferqueue.transports import transport_class
+    from transferqueue.runtime.transports import transport_class
 
     ray_transport: Any = transport_class("ray")
     address = ray_transport.find_named("controller", config)
@@ -485,7 +485,7 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
 
     try:
         config = attach_config(args.target)
@@ -521,7 +521,7 @@ def _live(watcher: Watcher, interval: float) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from transferqueue.loop import runtime_loop
+    from transferqueue.runtime.loop import runtime_loop
 
     loop = runtime_loop()
     before = loop.run(watcher.snapshot())

@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     import transferqueue as tq
 
     if getattr(args, "async_rl", False):
-        from transferqueue.demo_async import run_async
+        from transferqueue.cli.demo_async import run_async
 
         return run_async(args)
     plan = Plan(args.steps, args.global_batch_size, args.producers, args.seed)

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 from transferqueue.errors import ConfigError, TransportUnavailableError
 
 if TYPE_CHECKING:
-    from transferqueue.transports.base import Transport
+    from transferqueue.runtime.transports.base import Transport
 
 _MODULES = {
-    "inproc": ("transferqueue.transports.inproc", "InprocTransport"),
-    "zmq": ("transferqueue.transports.zmq", "ZmqTransport"),
-    "ray": ("transferqueue.transports.ray", "RayTransport"),
+    "inproc": ("transferqueue.runtime.transports.inproc", "InprocTransport"),
+    "zmq": ("transferqueue.runtime.transports.zmq", "ZmqTransport"),
+    "ray": ("transferqueue.runtime.transports.ray", "RayTransport"),
 }
 
 

@@ -2,21 +2,21 @@
 
 An actor is any object whose public ``async def`` methods may be called remotely. A
 transport (``transports/``) hosts it and moves its frames; the call protocol (envelope,
-dispatch, deadlines, errors on the wire) is :mod:`transferqueue.transports._protocol`, and
+dispatch, deadlines, errors on the wire) is :mod:`transferqueue.runtime.transports._protocol`, and
 :class:`ActorRef`, the picklable handle callers use, is defined with the transport interface
-in :mod:`transferqueue.transports.base`. Both are re-exported here: the runtime imports
+in :mod:`transferqueue.runtime.transports.base`. Both are re-exported here: the runtime imports
 downwards only (transports never import this module).
 """
 
 from __future__ import annotations
 
-from transferqueue.transports._protocol import (
+from transferqueue.runtime.transports._protocol import (
     Dispatcher,
     current_deadline,
     error_from_wire,
     error_to_wire,
 )
-from transferqueue.transports.base import DEFAULT, ActorRef, Address
+from transferqueue.runtime.transports.base import DEFAULT, ActorRef, Address
 
 __all__ = [
     "DEFAULT",

@@ -1,7 +1,7 @@
 """Prometheus metrics of a running system (opt-in: ``metrics.port``, the ``[metrics]`` extra).
 
 One scrape endpoint per system, served by the process that owns it (the ``tq.init`` that
-started it): on each scrape a custom collector takes one :func:`transferqueue.status.collect`
+started it): on each scrape a custom collector takes one :func:`transferqueue.ops.status.collect`
 snapshot -- read-only calls on the controller and every storage unit -- and turns it into
 metric families. The actors need no HTTP server, no extra port and no dependency of their
 own; a scrape costs a few small requests, and nothing is computed between scrapes. Why this
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from transferqueue.errors import ConfigError
 
 if TYPE_CHECKING:
-    from transferqueue.status import Watcher
+    from transferqueue.ops.status import Watcher
     from transferqueue.system import System
 
 __all__ = ["MetricsServer", "astop", "ensure_started", "families", "start", "stop", "url_of"]
@@ -125,7 +125,7 @@ def _unit_families(raw: Mapping[str, Any]) -> Iterator[Any]:
         rows.add_metric(unit, sum(int(p.get("rows", 0)) for p in parts))
         waiting.add_metric(unit, stats.get("waiting_puts") or 0)
     yield from (nbytes, cap, rows, waiting)
-    from transferqueue.status import storage_row
+    from transferqueue.ops.status import storage_row
 
     storage = storage_row(raw)
     stored = GaugeMetricFamily("transferqueue_stored_bytes", "bytes the units hold, summed")
@@ -145,7 +145,7 @@ def _unit_families(raw: Mapping[str, Any]) -> Iterator[Any]:
 def _partition_families(raw: Mapping[str, Any]) -> Iterator[Any]:
     from prometheus_client.core import GaugeMetricFamily
 
-    from transferqueue.status import partition_row
+    from transferqueue.ops.status import partition_row
 
     p_, s_ = ["partition"], ["partition", "state"]
     rows = GaugeMetricFamily("transferqueue_partition_rows", "rows by state", labels=s_)
@@ -190,7 +190,7 @@ class _Collector:
         self._watcher = watcher
 
     def collect(self) -> Iterator[Any]:
-        from transferqueue.loop import runtime_loop
+        from transferqueue.runtime.loop import runtime_loop
 
         try:
             raw = runtime_loop().run(self._watcher.snapshot(), SCRAPE_TIMEOUT_S)
@@ -205,7 +205,7 @@ class MetricsServer:
 
     def __init__(self, system: System, port: int, host: str) -> None:
         prometheus = _import_prometheus()
-        from transferqueue.status import Watcher, controller_of
+        from transferqueue.ops.status import Watcher, controller_of
 
         self._watcher = Watcher(controller_of(system))
         self.registry = prometheus.CollectorRegistry(auto_describe=False)
@@ -230,7 +230,7 @@ class MetricsServer:
 
     def close(self) -> None:
         """Stop serving (idempotent). From a thread other than the runtime loop's."""
-        from transferqueue.loop import runtime_loop
+        from transferqueue.runtime.loop import runtime_loop
 
         if self._shutdown_http():
             with contextlib.suppress(Exception):  # the loop may be gone at interpreter exit

@@ -1,6 +1,6 @@
 """ZMQ transport: each actor runs in a process of its own and serves a ROUTER socket.
 
-* The actor process (:mod:`transferqueue.transports.zmq_actor`) is started as a fresh
+* The actor process (:mod:`transferqueue.runtime.transports.zmq_actor`) is started as a fresh
   interpreter, never by forking a process that holds torch or Ray
   threads. Its start arguments (target class, args, config) arrive on its stdin; the
   process exits when its owner closes that pipe -- or dies, which closes it too: no
@@ -35,9 +35,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError
-from transferqueue.memory import tune_malloc_for_large_buffers
-from transferqueue.transports._protocol import CANCEL, Calls
-from transferqueue.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
+from transferqueue.runtime.memory import tune_malloc_for_large_buffers
+from transferqueue.runtime.transports._protocol import CANCEL, Calls
+from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
 log = logging.getLogger("transferqueue.zmq")
 
@@ -335,7 +335,7 @@ class _ZmqHandle(ActorHandle):
 
 def _start_process(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "transferqueue.transports.zmq_actor"],
+        [sys.executable, "-m", "transferqueue.runtime.transports.zmq_actor"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         start_new_session=True,  # Ctrl-C reaches the owner only; the owner stops us

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
+from transferqueue.client import routing
 from transferqueue.errors import SchemaError
-from transferqueue.storage import routing
 
 Column = Any  # torch.Tensor | list[torch.Tensor] | list[Any]
 

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from transferqueue.actor import DEFAULT as DEFAULT_TIMEOUT
-from transferqueue.actor import ActorRef
-from transferqueue.columns import assemble, field_spec, payload_bytes, to_columns
+from transferqueue.client.columns import assemble, field_spec, payload_bytes, to_columns
+from transferqueue.client.routing import group_by_unit, runs, take
 from transferqueue.config import Config
 from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
-from transferqueue.loop import LoopThread, background, runtime_loop
 from transferqueue.metadata import BatchMeta, PartitionInfo
-from transferqueue.storage.routing import group_by_unit, runs, take
-from transferqueue.transports import transport_class
+from transferqueue.runtime.actor import DEFAULT as DEFAULT_TIMEOUT
+from transferqueue.runtime.actor import ActorRef
+from transferqueue.runtime.loop import LoopThread, background, runtime_loop
+from transferqueue.runtime.transports import transport_class
 
 log = logging.getLogger("transferqueue.client")
 

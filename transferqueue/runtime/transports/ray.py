@@ -25,9 +25,9 @@ from transferqueue.errors import (
     ActorDiedError,
     TransportUnavailableError,
 )
-from transferqueue.transports import _protocol as protocol
-from transferqueue.transports._protocol import Dispatcher, Envelope
-from transferqueue.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
+from transferqueue.runtime.transports import _protocol as protocol
+from transferqueue.runtime.transports._protocol import Dispatcher, Envelope
+from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
 #: how long stopping an actor waits for its on_stop hook before it is killed
 _STOP_GRACE_S = 3.0

@@ -17,10 +17,15 @@ from typing import Any
 
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, TransportUnavailableError
-from transferqueue.loop import LoopThread, runtime_loop
-from transferqueue.transports import _protocol as protocol
-from transferqueue.transports._protocol import Dispatcher, Envelope, error_from_wire, error_to_wire
-from transferqueue.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
+from transferqueue.runtime.loop import LoopThread, runtime_loop
+from transferqueue.runtime.transports import _protocol as protocol
+from transferqueue.runtime.transports._protocol import (
+    Dispatcher,
+    Envelope,
+    error_from_wire,
+    error_to_wire,
+)
+from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
 _ids = itertools.count()
 _hosted: dict[str, _Hosted] = {}

@@ -16,7 +16,7 @@ from typing import Any
 
 
 def _folder() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (base / "benchmarks").is_dir():
             return base / "benchmarks"
     raise SystemExit(

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferqueue import memory
 from transferqueue.errors import SchemaError
+from transferqueue.runtime import memory
 from transferqueue.storage._arena import gather_jagged, is_range, offsets_of, word_rows
 from transferqueue.storage._field import as_rows
 from transferqueue.storage._pool import BufferPool

@@ -1,4 +1,4 @@
-"""``python -m transferqueue demo --async``: the async-RL pipeline (see :mod:`transferqueue.demo`
+"""``python -m transferqueue demo --async``: the async-RL pipeline (see :mod:`transferqueue.cli.demo`
 for the flags): one staleness-bounded partition, producers that reserve before generating,
 a trainer that leases, acks and advances the version, and one injected consumer crash that
 is recovered.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from transferqueue.demo import MEAN_GENERATION_S, SAMPLES_PER_PROMPT, _checksum, _sample
+from transferqueue.cli.demo import MEAN_GENERATION_S, SAMPLES_PER_PROMPT, _checksum, _sample
 
 ASYNC_PARTITION = "async@run"
 ASYNC_TASK = "train"
@@ -104,7 +104,7 @@ def _async_produce(plan: AsyncPlan, ledger: AsyncLedger, bar: Any, producer: int
 def _crashing_consumer(plan: AsyncPlan, ledger: AsyncLedger) -> None:
     """A second trainer-side consumer, with a client of its own: it takes a leased batch
     and dies holding it (no ack; its client closed)."""
-    from transferqueue.client import TransferQueueClient
+    from transferqueue.client.async_client import TransferQueueClient
     from transferqueue.system import current
 
     client = TransferQueueClient(current().new_async_client())

@@ -1,0 +1,1 @@
+"""The command-line commands behind ``python -m transferqueue``: demo, serve, bench, status."""
