@@ -429,14 +429,14 @@ async def test_seqlen_balanced_ranks_share_every_global_batch(ranked_system, pid
 
 
 def test_a_stream_closed_on_the_loop_thread_logs_its_failure(caplog) -> None:
+    from transferqueue.client.sync_facade import finish_on
     from transferqueue.runtime.loop import runtime_loop
-    from transferqueue.streaming import _finish
 
     async def failing_close() -> None:
         raise RuntimeError("could not close")
 
     async def on_the_loop() -> None:  # as when the garbage collector finalises it there
-        task = _finish(runtime_loop(), failing_close())
+        task = finish_on(runtime_loop(), failing_close())
         assert task is not None
         with contextlib.suppress(RuntimeError):
             await task

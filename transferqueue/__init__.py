@@ -4,7 +4,8 @@ Rollout workers put samples field by field; training tasks consume them in micro
 as soon as the fields they need are ready. See README.md.
 """
 
-from transferqueue.client.async_client import AsyncTransferQueueClient, TransferQueueClient
+from transferqueue.client import AsyncTransferQueueClient, TransferQueueClient, connect
+from transferqueue.client.default import get_async_client, get_client
 from transferqueue.config import Config, load_config
 from transferqueue.controller.samplers import (
     BaseSampler,
@@ -48,7 +49,7 @@ from transferqueue.kv import (
 from transferqueue.metadata import BatchMeta, PartitionInfo
 from transferqueue.ops.status import status
 from transferqueue.streaming import StreamingDataLoader, StreamingDataset
-from transferqueue.system import close, get_async_client, get_client, init
+from transferqueue.system import close, init
 
 __version__ = "0.1.0"
 
@@ -89,6 +90,7 @@ __all__ = [
     "async_kv_list",
     "async_kv_put",
     "close",
+    "connect",
     "get_async_client",
     "get_client",
     "init",

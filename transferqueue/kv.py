@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from transferqueue.client.default import get_async_client, get_client
 from transferqueue.metadata import BatchMeta
-from transferqueue.system import get_async_client, get_client
 
 
 def _one_row(fields: Any) -> Any:

@@ -43,207 +43,40 @@ See docs/streaming.md for DataLoader workers, ``reset`` and ``step``.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from transferqueue.config import Config, load_config
+from transferqueue.client import default
+from transferqueue.client.connect import connect, target_config
+from transferqueue.client.streams import (
+    _check_sizes,
+    _Fetcher,
+    _filters,
+    _stream,
+    split_micro_batches,
+    stream,
+)
+from transferqueue.client.sync_facade import TransferQueueClient
+from transferqueue.config import Config
 from transferqueue.errors import ConfigError, NotInitializedError, TransportUnavailableError
 from transferqueue.metadata import BatchMeta
-from transferqueue.runtime.loop import LoopThread, background, runtime_loop
-
-if TYPE_CHECKING:
-    from transferqueue.client.async_client import AsyncTransferQueueClient
-    from transferqueue.system import System
 
 __all__ = ["StreamingDataLoader", "StreamingDataset", "split_micro_batches", "stream"]
 
 Item = tuple[TensorDict, BatchMeta]
 T = TypeVar("T")
+#: closes a client a dataset made for itself
+_Closer = Callable[[], Coroutine[Any, Any, None]]
 
 _INPROC_WORKERS = (
     "DataLoader workers are separate processes and cannot reach an inproc transferqueue "
     "system; start it with tq.init({'transport': 'zmq'}) or tq.init({'transport': 'ray'}), "
     "or use num_workers=0"
 )
-
-
-def _filters(
-    where: Mapping[str, Any] | None, max_version_lag: int | None, evict: bool
-) -> dict[str, Any]:
-    """The ``get_meta`` filters a stream passes on (only those that are set)."""
-    out: dict[str, Any] = {}
-    if where is not None:
-        out["where"] = dict(where)
-    if max_version_lag is not None:
-        out["max_version_lag"] = max_version_lag
-        out["evict"] = evict
-    return out
-
-
-def _check_sizes(batch_size: Any, micro_batch_size: Any) -> None:
-    for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)):
-        if value is None and name == "micro_batch_size":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def split_micro_batches(
-    data: TensorDict, meta: BatchMeta, micro_batch_size: int | None
-) -> list[Item]:
-    """Split a batch into micro-batches of ``micro_batch_size`` rows (the last smaller);
-    data and metadata are split at the same boundaries."""
-    n = len(meta)
-    if data.batch_size[0] != n:
-        raise ValueError(f"data has {data.batch_size[0]} rows but its metadata names {n}")
-    if micro_batch_size is None or n <= micro_batch_size:
-        return [(data, meta)]
-    sizes = [micro_batch_size] * (n // micro_batch_size)
-    if n % micro_batch_size:
-        sizes.append(n % micro_batch_size)
-    return list(zip(data.split(sizes, dim=0), meta.split(sizes)))
-
-
-class _Fetcher:
-    """Fetches whole batches of one stream (meta, then data); keeps ``batch_index``."""
-
-    def __init__(
-        self,
-        client: AsyncTransferQueueClient,
-        data_fields: Sequence[str],
-        batch_size: int,
-        partition_id: str,
-        task_name: str,
-        sampling_config: Mapping[str, Any] | None = None,
-        drop_last: bool = False,
-        timeout: float | None = None,
-        index_offset: int = 0,
-        index_stride: int = 1,
-        lease_s: float | None = None,
-        lease_group: str | None = None,
-        filters: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.client = client
-        self.lease_s = lease_s
-        self.lease_group = lease_group
-        self.filters = dict(filters or {})
-        self.fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
-        self.batch_size = batch_size
-        self.partition_id = partition_id
-        self.task_name = task_name
-        self.config = dict(sampling_config or {})
-        self.drop_last = drop_last
-        self.timeout = timeout
-        self.ranked = "dp_rank" in self.config
-        start = self.config.get("batch_index", 0)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"sampling_config['batch_index'] must be an int >= 0, got {start!r}")
-        self.batch_index = start + index_offset
-        self.stride = index_stride
-
-    async def fetch(self, wait: bool) -> Item | None:
-        """The next batch, or ``None``: exhausted (``wait``) or nothing ready now (no ``wait``)."""
-        cfg = {**self.config, "batch_index": self.batch_index} if self.ranked else self.config
-        meta = await self.client.get_meta(
-            self.fields,
-            self.batch_size,
-            self.partition_id,
-            self.task_name,
-            cfg or None,
-            wait=wait,
-            timeout=self.timeout if wait else None,
-            drop_last=self.drop_last,
-            lease_s=self.lease_s,
-            lease_group=self.lease_group,
-            **self.filters,
-        )
-        if meta.is_empty:
-            return None
-        self.batch_index += self.stride
-        return await self.client.get_data(meta), meta
-
-
-async def _discard(task: asyncio.Future[Any]) -> None:
-    """Cancel a prefetch the consumer will never use, and wait until it is settled."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-async def _stream(
-    fetcher: _Fetcher, micro_batch_size: int | None, prefetch: bool
-) -> AsyncGenerator[Item, None]:
-    """The one implementation of the streaming loop (see the module docstring)."""
-    pending: asyncio.Future[Item | None] | None = None
-    try:
-        while True:
-            batch: Item | None = None
-            if pending is not None:
-                task, pending = pending, None
-                batch = await task
-            if batch is None:
-                batch = await fetcher.fetch(wait=True)
-                if batch is None:
-                    return  # exhausted for this task
-            if prefetch:
-                pending = asyncio.ensure_future(fetcher.fetch(wait=False))
-            for item in split_micro_batches(batch[0], batch[1], micro_batch_size):
-                yield item
-    finally:
-        if pending is not None:
-            await _discard(pending)
-
-
-async def stream(
-    client: AsyncTransferQueueClient,
-    data_fields: Sequence[str],
-    batch_size: int,
-    partition_id: str,
-    task_name: str,
-    sampling_config: Mapping[str, Any] | None = None,
-    micro_batch_size: int | None = None,
-    drop_last: bool = False,
-    timeout: float | None = None,
-    *,
-    prefetch: bool = True,
-    lease_s: float | None = None,
-    where: Mapping[str, Any] | None = None,
-    max_version_lag: int | None = None,
-    evict: bool = False,
-) -> AsyncIterator[Item]:
-    """``(TensorDict, BatchMeta)`` micro-batches of ``partition_id`` for ``task_name``, each
-    as soon as its rows are ready, until the partition is exhausted for the task.
-
-    ``timeout`` bounds each wait for a batch (``TimeoutError``). ``async for`` it, and
-    ``break`` (or ``aclose()``) to stop early; see the module docstring for the prefetch.
-    ``lease_s``: rows are leased, and each micro-batch is acked when the next is asked for
-    (and the last at the normal end). ``where``, ``max_version_lag``, ``evict``: as in
-    ``get_meta``.
-    """
-    _check_sizes(batch_size, micro_batch_size)
-    fetcher = _Fetcher(
-        client, data_fields, batch_size, partition_id, task_name, sampling_config,
-        drop_last, timeout, lease_s=lease_s, filters=_filters(where, max_version_lag, evict),
-    )  # fmt: skip
-    inner = _stream(fetcher, micro_batch_size, prefetch)
-    previous: BatchMeta | None = None
-    try:
-        while True:
-            if previous is not None:  # before the next fetch: it may wait for these rows
-                await client.ack(previous)
-                previous = None
-            try:
-                item = await inner.__anext__()
-            except StopAsyncIteration:
-                return
-            previous = item[1] if lease_s is not None else None
-            yield item
-    finally:
-        await inner.aclose()
 
 
 # ------------------------------------------------------------------- torch facade
@@ -254,40 +87,16 @@ def _passthrough(item: Any) -> Any:
     return item
 
 
-async def _anext(agen: AsyncIterator[T]) -> T:
-    return await agen.__anext__()
-
-
-async def _aclose(agen: AsyncGenerator[Any, None], owned: System | None) -> None:
-    try:
-        await agen.aclose()
-    finally:
-        if owned is not None:
-            await owned.aclose()
-
-
-def _finish(loop: LoopThread, coro: Coroutine[Any, Any, None]) -> asyncio.Future[Any] | None:
-    if loop.in_loop_thread():  # finalised by the garbage collector on the loop itself
-        # kept alive until done, and a failure is logged rather than lost
-        return background(coro, "closing a stream")
-    loop.run(coro)
-    return None
-
-
 def _captured_config(config: Config | Mapping[str, Any] | str | None) -> Config:
-    if isinstance(config, str):  # the address `python -m transferqueue serve` prints
-        config = {"transport": "zmq", "system": {"controller": config}}
     if config is None:
-        from transferqueue.system import current
-
         try:
-            return current().config
+            return default.get_client().config
         except NotInitializedError:
             raise NotInitializedError(
                 "StreamingDataset(config=None) uses the system this process is attached to: "
                 "call tq.init() first, or pass the config tq.init returned"
             ) from None
-    cfg = load_config(config)
+    cfg = target_config(config)
     if cfg.system is None:
         raise ConfigError("the config names no running system: pass the config tq.init() returned")
     return cfg
@@ -367,25 +176,23 @@ class StreamingDataset(IterableDataset[Item]):
         """Make every row of the partition consumable again for this task (a new epoch).
         Call it once, from one process, when every rank has finished the epoch."""
         client, owned = self._open()
-        loop = runtime_loop()
         try:
-            loop.run(client.reset_consumption(self.partition_id, self.task_name))
+            client.reset_consumption(self.partition_id, self.task_name)
         finally:
             if owned is not None:
-                loop.run(owned.aclose())
+                client.run(owned())
 
-    def _open(self) -> tuple[AsyncTransferQueueClient, System | None]:
-        """The default client when it talks to our system, else one of our own."""
-        from transferqueue import system
-
+    def _open(self) -> tuple[TransferQueueClient, _Closer | None]:
+        """The default client when it talks to our system, else one of our own (and the
+        coroutine function that closes it)."""
         try:
-            default: System | None = system.current()
+            mine: TransferQueueClient | None = default.get_client()
         except NotInitializedError:
-            default = None
-        if default is not None and default.config.system == self.config.system:
-            return default.async_client, None
-        owned = system.attach_system(self.config)
-        return owned.async_client, owned
+            mine = None
+        if mine is not None and mine.config.system == self.config.system:
+            return mine, None
+        owned = connect(self.config)
+        return owned, owned.async_client.aclose
 
     def __iter__(self) -> Iterator[Item]:
         worker = get_worker_info()
@@ -394,12 +201,11 @@ class StreamingDataset(IterableDataset[Item]):
         offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         client, owned = self._open()
         fetcher = _Fetcher(
-            client, self.data_fields, self.batch_size, self.partition_id, self.task_name,
+            client.async_client, self.data_fields, self.batch_size, self.partition_id, self.task_name,
             self.sampling_config, self.drop_last, self.timeout, offset, stride, self.lease_s,
             self.lease_group, self.filters,
         )  # fmt: skip
-        agen = _stream(fetcher, self.micro_batch_size, self.prefetch)
-        items = _sync_iter(agen, owned)
+        items = client.iterate(_stream(fetcher, self.micro_batch_size, self.prefetch), owned)
         if worker is None and self.acks_after_step:  # in a worker, the loader's process acks
             return _acked(items, client)
         return items
@@ -410,16 +216,15 @@ class StreamingDataset(IterableDataset[Item]):
 
 
 def _acked(
-    items: Iterator[Item], client: AsyncTransferQueueClient, owned: System | None = None
+    items: Iterator[Item], client: TransferQueueClient, owned: _Closer | None = None
 ) -> Iterator[Item]:
     """Ack each leased item when the next one is asked for (the step in between finished),
     and the last one at the normal end; an item the consumer stopped at stays unacked."""
-    loop = runtime_loop()
     previous: BatchMeta | None = None
     try:
         while True:
             if previous is not None:  # before the next fetch: it may wait for these rows
-                loop.run(client.ack(previous))
+                client.ack(previous)
                 previous = None
             try:
                 item = next(items)
@@ -429,21 +234,7 @@ def _acked(
             yield item
     finally:
         if owned is not None:
-            _finish(loop, owned.aclose())
-
-
-def _sync_iter(agen: AsyncGenerator[Item, None], owned: System | None) -> Iterator[Item]:
-    """Drive ``agen`` on the runtime loop from a synchronous caller."""
-    loop = runtime_loop()
-    try:
-        while True:
-            try:
-                item = loop.run(_anext(agen))
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        _finish(loop, _aclose(agen, owned))
+            client.finish(owned())
 
 
 def _check_name(what: str, value: Any) -> str:

@@ -6,8 +6,10 @@ Handing that config to ``tq.init`` in another process attaches to the same syste
 of starting a second one. Only the process that started a system stops it on
 ``tq.close()``; other processes just disconnect.
 
-The one module-level singleton of the library lives here: the default system behind
-``tq.init`` / ``tq.get_client()``.
+A ``System`` holds the actors a process started (their handles) and the config naming
+them; clients are built from that config by ``transferqueue.client.connect`` and the
+process's default client lives in ``transferqueue.client.default``. The default system
+behind ``tq.init`` / ``tq.close`` lives here.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import os
 import threading
 from typing import Any
 
-from transferqueue.client.async_client import AsyncTransferQueueClient, TransferQueueClient
+from transferqueue.client import default
+from transferqueue.client.async_client import AsyncTransferQueueClient
+from transferqueue.client.connect import client_for, resolve, target_config
+from transferqueue.client.sync_facade import TransferQueueClient
 from transferqueue.config import Config, apply_env, load_config
 from transferqueue.controller.actor import ControllerActor
-from transferqueue.errors import ConfigError, NotInitializedError, TransportUnavailableError
-from transferqueue.runtime.actor import ActorRef, Address
+from transferqueue.errors import ConfigError, NotInitializedError
+from transferqueue.runtime.actor import ActorRef
 from transferqueue.runtime.loop import runtime_loop
 from transferqueue.runtime.transports import transport_class
 from transferqueue.runtime.transports.base import ActorHandle
@@ -31,21 +36,29 @@ from transferqueue.storage.unit import StorageUnit
 
 
 class System:
-    """A started or attached system: its config, client and (for the owner) actor handles."""
+    """A started (``handles``: its actors) or attached (no handles) system and the config
+    that names it. ``client`` is a convenience: a client connected to it, made on first use
+    (closed by ``aclose``)."""
 
     def __init__(self, config: Config, handles: list[ActorHandle]) -> None:
         self.config = config
         self.handles = handles
         self.pid = os.getpid()
-        self.async_client = self.new_async_client()
-        self.client = TransferQueueClient(self.async_client)
+        self._client: TransferQueueClient | None = None
 
     def new_async_client(self) -> AsyncTransferQueueClient:
         """A client with connections of its own to this system's actors."""
-        info = self.config.system or {}
-        controller = ActorRef(Address.from_plain(info["controller"]), self.config)
-        units = [ActorRef(Address.from_plain(u), self.config) for u in info["units"]]
-        return AsyncTransferQueueClient(controller, units, self.config)
+        return client_for(self.config)
+
+    @property
+    def client(self) -> TransferQueueClient:
+        if self._client is None:
+            self._client = TransferQueueClient(self.new_async_client())
+        return self._client
+
+    @property
+    def async_client(self) -> AsyncTransferQueueClient:
+        return self.client.async_client
 
     @property
     def is_owner(self) -> bool:
@@ -55,7 +68,8 @@ class System:
         from transferqueue.ops import metrics
 
         await metrics.astop(self)
-        await self.async_client.close()
+        if self._client is not None:
+            await self._client.async_client.close()
         # the controller first: it watches the units, and they going away is no fault then
         if self.handles:
             await self.handles[0].stop()
@@ -101,25 +115,10 @@ async def start_system(config: Config) -> System:
 
 
 def attach_system(config: Config) -> System:
-    info = config.system
-    if info is None:
-        raise ConfigError("config.system is empty: there is no running system to attach to")
-    if "units" not in info:  # only the controller's address: ask it for the rest
-        controller = info["controller"]
-        if isinstance(controller, str):
-            controller = {"transport": config.transport, "endpoint": controller}
-        ref = ActorRef(Address.from_plain(controller), config)
-        try:
-            info = runtime_loop().run(ref.call("system_info"))
-        finally:
-            runtime_loop().run(ref.aclose())
-        config = dataclasses.replace(config, system=info)
+    """The running system ``config.system`` names (its controller's address is enough)."""
     transport_class(config.transport)  # a clear error when its dependency is missing
-    if config.transport == "inproc" and info.get("owner_pid") != os.getpid():
-        raise TransportUnavailableError(
-            "an inproc transferqueue system cannot be reached from another process; "
-            "start it with tq.init({'transport': 'zmq'}) or {'transport': 'ray'} to share it"
-        )
+    config = runtime_loop().run(resolve(config))
+    client_for(config)  # refuses a system this process cannot reach
     return System(config, [])
 
 
@@ -152,11 +151,8 @@ def init(config: Config | Any = None) -> Config:
     or the controller address printed by ``python -m transferqueue serve``. Returns the
     effective config."""
     global _default
-    from transferqueue.config import config_file_path
-
-    if isinstance(config, str) and config_file_path(config) is None:
-        # the address printed by `python -m transferqueue serve` ("tcp://..." / "ipc://...")
-        config = {"transport": "zmq", "system": {"controller": config}}
+    if isinstance(config, str):  # a config file, or the address `serve` printed
+        config = target_config(config)
     with _lock:
         if _default is not None and _default.pid == os.getpid():
             if config is None or load_config(config).system == _default.config.system:
@@ -182,6 +178,7 @@ def init(config: Config | Any = None) -> Config:
                 runtime_loop().run(started.aclose())
                 raise
             _default = started
+        default.set_default(_default.client)
         return _default.config
 
 
@@ -191,21 +188,13 @@ def current() -> System:
     return _default
 
 
-def get_client() -> TransferQueueClient:
-    """The synchronous client of the default system."""
-    return current().client
-
-
-def get_async_client() -> AsyncTransferQueueClient:
-    """The async client of the default system."""
-    return current().async_client
-
-
 def close() -> None:
     """Disconnect from the default system; stop it if this process started it."""
     global _default
     with _lock:
         system, _default = _default, None
+        if system is not None and system.pid == os.getpid():
+            default.set_default(None)
     if system is None or system.pid != os.getpid():
         return
     runtime_loop().run(system.aclose())

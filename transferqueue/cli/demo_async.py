@@ -104,7 +104,7 @@ def _async_produce(plan: AsyncPlan, ledger: AsyncLedger, bar: Any, producer: int
 def _crashing_consumer(plan: AsyncPlan, ledger: AsyncLedger) -> None:
     """A second trainer-side consumer, with a client of its own: it takes a leased batch
     and dies holding it (no ack; its client closed)."""
-    from transferqueue.client.async_client import TransferQueueClient
+    from transferqueue.client import TransferQueueClient
     from transferqueue.system import current
 
     client = TransferQueueClient(current().new_async_client())

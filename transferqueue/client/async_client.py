@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
+from transferqueue.client import streams
 from transferqueue.client.columns import assemble, field_spec, payload_bytes, to_columns
 from transferqueue.client.routing import group_by_unit, runs, take
 from transferqueue.config import Config
@@ -29,7 +29,7 @@ from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
 from transferqueue.metadata import BatchMeta, PartitionInfo
 from transferqueue.runtime.actor import DEFAULT as DEFAULT_TIMEOUT
 from transferqueue.runtime.actor import ActorRef
-from transferqueue.runtime.loop import LoopThread, background, runtime_loop
+from transferqueue.runtime.loop import background
 from transferqueue.runtime.transports import transport_class
 
 log = logging.getLogger("transferqueue.client")
@@ -544,9 +544,7 @@ class AsyncTransferQueueClient:
 
     # ------------------------------------------------------------------- streaming
     def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[TensorDict, BatchMeta]]:
-        from transferqueue.streaming import stream
-
-        return stream(self, *args, **kwargs)
+        return streams.stream(self, *args, **kwargs)
 
 
 def _meta_arg(meta: BatchMeta | None, metadata: BatchMeta | None) -> BatchMeta:
@@ -558,71 +556,3 @@ def _meta_arg(meta: BatchMeta | None, metadata: BatchMeta | None) -> BatchMeta:
     if meta is None:
         raise TypeError("missing the BatchMeta argument (meta, or metadata=)")
     return meta
-
-
-def _sync(name: str) -> Any:
-    method = getattr(AsyncTransferQueueClient, name)
-
-    @functools.wraps(method)
-    def call(self: TransferQueueClient, *args: Any, **kwargs: Any) -> Any:
-        return self._loop.run(getattr(self.async_client, name)(*args, **kwargs))
-
-    return call
-
-
-class TransferQueueClient:
-    """The synchronous client: every method runs the async client on the runtime's loop
-    thread. Safe from plain code, from several threads, and from inside another running
-    event loop's thread."""
-
-    def __init__(self, async_client: AsyncTransferQueueClient) -> None:
-        self._async = async_client
-
-    @property
-    def _loop(self) -> LoopThread:
-        # looked up per call: after a fork the child has a loop thread of its own (the
-        # parent's does not exist there), and the refs reconnect from the child
-        return runtime_loop()
-
-    @property
-    def async_client(self) -> AsyncTransferQueueClient:
-        return self._async
-
-    @property
-    def config(self) -> Config:
-        return self._async.config
-
-    def __enter__(self) -> TransferQueueClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # closes this client's connections only (a later call connects again): the system
-        # keeps running, so ``with tq.get_client() as c:`` is safe
-        self.close()
-
-    create_partition = _sync("create_partition")
-    reserve = _sync("reserve")
-    advance_version = _sync("advance_version")
-    ack = _sync("ack")
-    nack = _sync("nack")
-    seal = _sync("seal")
-    list_partitions = _sync("list_partitions")
-    partition_info = _sync("partition_info")
-    clear_partition = _sync("clear_partition")
-    clear_samples = _sync("clear_samples")
-    reset_consumption = _sync("reset_consumption")
-    check_consumption_status = _sync("check_consumption_status")
-    check_production_status = _sync("check_production_status")
-    get_consumption_status = _sync("get_consumption_status")
-    get_production_status = _sync("get_production_status")
-    set_tags = _sync("set_tags")
-    set_custom_meta = _sync("set_custom_meta")
-    get_partition_list = _sync("get_partition_list")
-    put = _sync("put")
-    get_meta = _sync("get_meta")
-    get_data = _sync("get_data")
-    kv_put = _sync("kv_put")
-    kv_get = _sync("kv_get")
-    kv_list = _sync("kv_list")
-    kv_clear = _sync("kv_clear")
-    close = _sync("close")

@@ -1,0 +1,108 @@
+"""The import rules of the layout (docs/architecture.md, "Layers"), checked on the source:
+each room imports only what it may, so the client -> streaming -> system -> client cycle and
+its like cannot come back unnoticed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "transferqueue"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every transferqueue module ``path`` imports (at any depth, type-checking ones too)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] == "transferqueue"}
+
+
+def modules(pattern: str) -> list[Path]:
+    return sorted(PACKAGE.glob(pattern))
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def offending(paths: list[Path], allowed: set[str]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for path in paths:
+        bad = {
+            m
+            for m in imports_of(path)
+            if m != "transferqueue" and not any(m == a or m.startswith(a + ".") for a in allowed)
+        }
+        # `from transferqueue.x import name` adds "transferqueue.x.name": judged by its module
+        bad = {m for m in bad if not any(m.rsplit(".", 1)[0] == a for a in allowed)}
+        if bad:
+            out[path.name] = bad
+    return out
+
+
+RUNTIME = {"transferqueue.runtime", "transferqueue.config", "transferqueue.errors"}
+CLIENT = {
+    "transferqueue.client",
+    "transferqueue.metadata",
+    "transferqueue.storage._arena",
+    "transferqueue.storage._field",
+    "transferqueue.storage._pool",
+}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "allowed"),
+    [
+        # the runtime knows nothing of partitions, storage or clients
+        ("runtime/**/*.py", RUNTIME),
+        # the client room stands on the runtime, the metadata and storage's pure tensor
+        # kernels (its routing gathers rows as the units do); never on an actor, the system,
+        # streaming or kv, which are built on it
+        ("client/*.py", RUNTIME | CLIENT),
+        # kv and streaming stand on the client and the metadata, nothing lower or higher
+        ("kv.py", {"transferqueue.client", "transferqueue.metadata", "transferqueue.errors"}),
+        (
+            "streaming.py",
+            {
+                "transferqueue.client",
+                "transferqueue.metadata",
+                "transferqueue.errors",
+                "transferqueue.config",
+            },
+        ),
+        # the controller never imports storage, and storage never the controller
+        ("controller/*.py", RUNTIME | {"transferqueue.controller", "transferqueue.metadata"}),
+        ("storage/*.py", RUNTIME | {"transferqueue.storage"}),
+    ],
+)
+def test_room_imports_only_what_it_may(pattern: str, allowed: set[str]) -> None:
+    paths = modules(pattern)
+    assert paths, pattern
+    assert offending(paths, allowed) == {}
+
+
+@pytest.mark.parametrize("name", ["state.py", "samplers.py"])
+def test_controller_logic_is_free_of_io(name: str) -> None:
+    path = PACKAGE / "controller" / name
+    tree = ast.parse(path.read_text())
+    plain = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    plain |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "asyncio" not in plain
+    assert not {m for m in plain if m.startswith("transferqueue.runtime")}
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from transferqueue.system import init\n")
+    assert offending([bad], RUNTIME) == {
+        "bad.py": {"transferqueue.system", "transferqueue.system.init"}
+    }

@@ -1,0 +1,83 @@
+"""Clients built from a config: ``connect(config)`` / ``aconnect(config)``.
+
+A config names a running system in ``config.system``: the controller's and the units'
+addresses (what ``tq.init`` returns), or only the controller's (what ``python -m
+transferqueue serve`` prints; the controller is asked for the rest). Building a client
+starts nothing and stops nothing: the system belongs to whoever started it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from transferqueue.client.async_client import AsyncTransferQueueClient
+from transferqueue.client.sync_facade import TransferQueueClient
+from transferqueue.config import Config, load_config
+from transferqueue.errors import ConfigError, TransportUnavailableError
+from transferqueue.runtime.actor import ActorRef, Address
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports import transport_class
+
+Target = Config | Mapping[str, Any] | str
+
+
+def target_config(target: Target) -> Config:
+    """``target`` as a Config: a Config, a mapping, a config file, or a controller address
+    (``tcp://...`` / ``ipc://...``, as ``python -m transferqueue serve`` prints it)."""
+    from transferqueue.config import config_file_path
+
+    if isinstance(target, str) and config_file_path(target) is None:
+        target = {"transport": "zmq", "system": {"controller": target}}
+    return load_config(target)
+
+
+def client_for(config: Config) -> AsyncTransferQueueClient:
+    """An async client of the system ``config.system`` names in full (no I/O here: its
+    connections open on first use, in the loop that uses them)."""
+    info = config.system
+    if not info or "units" not in info:
+        raise ConfigError(
+            "config.system names no running system (pass the config tq.init returned)"
+        )
+    controller = Address.from_plain(info["controller"])
+    if controller.pid and controller.pid != os.getpid():  # an in-process actor elsewhere
+        raise TransportUnavailableError(
+            "an inproc transferqueue system cannot be reached from another process; "
+            "start it with tq.init({'transport': 'zmq'}) or {'transport': 'ray'} to share it"
+        )
+    units = [ActorRef(Address.from_plain(u), config) for u in info["units"]]
+    return AsyncTransferQueueClient(ActorRef(controller, config), units, config)
+
+
+async def resolve(config: Config) -> Config:
+    """``config`` with ``system`` naming the controller and every unit: when it names only
+    the controller, the controller is asked."""
+    info = config.system
+    if info is None:
+        raise ConfigError("config.system is empty: there is no running system to attach to")
+    if "units" in info:
+        return config
+    controller = info["controller"]
+    if isinstance(controller, str):
+        controller = {"transport": config.transport, "endpoint": controller}
+    ref = ActorRef(Address.from_plain(controller), config)
+    try:
+        full = await ref.call("system_info")
+    finally:
+        await ref.aclose()
+    return dataclasses.replace(config, system=full)
+
+
+async def aconnect(target: Target) -> AsyncTransferQueueClient:
+    """An async client of the running system ``target`` names."""
+    config = target_config(target)
+    transport_class(config.transport)  # a clear error when its dependency is missing
+    return client_for(await resolve(config))
+
+
+def connect(target: Target) -> TransferQueueClient:
+    """A synchronous client of the running system ``target`` names (see :func:`aconnect`)."""
+    return TransferQueueClient(runtime_loop().run(aconnect(target)))

@@ -1,0 +1,138 @@
+"""The synchronous client: a thin facade that runs the async client (the one
+implementation) on the runtime's loop thread -- the library's one sync bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from transferqueue.client.async_client import AsyncTransferQueueClient
+from transferqueue.config import Config
+from transferqueue.runtime.loop import LoopThread, background, runtime_loop
+
+T = TypeVar("T")
+
+
+def finish_on(loop: LoopThread, coro: Coroutine[Any, Any, None]) -> asyncio.Future[Any] | None:
+    """Run a clean-up coroutine: from the calling thread, or -- when a generator is
+    finalised by the garbage collector on the loop thread itself -- in the background (kept
+    alive until done; a failure is logged rather than lost)."""
+    if loop.in_loop_thread():
+        return background(coro, "closing a stream")
+    loop.run(coro)
+    return None
+
+
+async def _anext(items: AsyncIterator[T]) -> T:
+    return await items.__anext__()
+
+
+async def _aclose(
+    items: AsyncIterator[Any], on_close: Callable[[], Coroutine[Any, Any, None]] | None
+) -> None:
+    try:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    finally:
+        if on_close is not None:
+            await on_close()
+
+
+def _sync(name: str) -> Any:
+    method = getattr(AsyncTransferQueueClient, name)
+
+    @functools.wraps(method)
+    def call(self: TransferQueueClient, *args: Any, **kwargs: Any) -> Any:
+        return self._loop.run(getattr(self.async_client, name)(*args, **kwargs))
+
+    return call
+
+
+class TransferQueueClient:
+    """The synchronous client: every method runs the async client on the runtime's loop
+    thread. Safe from plain code, from several threads, and from inside another running
+    event loop's thread."""
+
+    def __init__(self, async_client: AsyncTransferQueueClient) -> None:
+        self._async = async_client
+
+    @property
+    def _loop(self) -> LoopThread:
+        # looked up per call: after a fork the child has a loop thread of its own (the
+        # parent's does not exist there), and the refs reconnect from the child
+        return runtime_loop()
+
+    @property
+    def async_client(self) -> AsyncTransferQueueClient:
+        return self._async
+
+    @property
+    def config(self) -> Config:
+        return self._async.config
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine (of the async client, or one built on it) on the runtime loop
+        and return its result: the one sync bridge everything synchronous goes through."""
+        return self._loop.run(coro)
+
+    def iterate(
+        self,
+        items: AsyncIterator[T],
+        on_close: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    ) -> Iterator[T]:
+        """Drive an async iterator (e.g. ``async_client.stream(...)``) from synchronous code.
+        When the iteration ends, is abandoned or is garbage-collected, the async iterator is
+        closed on the loop and then ``on_close()`` is awaited (e.g. to close a client owned
+        by the iteration); a failure while closing on the loop itself is logged, not lost."""
+        try:
+            while True:
+                try:
+                    item = self.run(_anext(items))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            self.finish(_aclose(items, on_close))
+
+    def finish(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[Any] | None:
+        """Run a clean-up coroutine now, or in the background when called on the loop
+        thread itself (see :func:`finish_on`)."""
+        return finish_on(self._loop, coro)
+
+    def __enter__(self) -> TransferQueueClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # closes this client's connections only (a later call connects again): the system
+        # keeps running, so ``with tq.get_client() as c:`` is safe
+        self.close()
+
+    create_partition = _sync("create_partition")
+    reserve = _sync("reserve")
+    advance_version = _sync("advance_version")
+    ack = _sync("ack")
+    nack = _sync("nack")
+    seal = _sync("seal")
+    list_partitions = _sync("list_partitions")
+    partition_info = _sync("partition_info")
+    clear_partition = _sync("clear_partition")
+    clear_samples = _sync("clear_samples")
+    reset_consumption = _sync("reset_consumption")
+    check_consumption_status = _sync("check_consumption_status")
+    check_production_status = _sync("check_production_status")
+    get_consumption_status = _sync("get_consumption_status")
+    get_production_status = _sync("get_production_status")
+    set_tags = _sync("set_tags")
+    set_custom_meta = _sync("set_custom_meta")
+    get_partition_list = _sync("get_partition_list")
+    put = _sync("put")
+    get_meta = _sync("get_meta")
+    get_data = _sync("get_data")
+    kv_put = _sync("kv_put")
+    kv_get = _sync("kv_get")
+    kv_list = _sync("kv_list")
+    kv_clear = _sync("kv_clear")
+    close = _sync("close")
