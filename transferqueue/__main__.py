@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--protocol", choices=["tcp", "ipc"], help="zmq protocol (default tcp)")
 
     status = sub.add_parser("status", help="watch a running system (read-only)")
-    from transferqueue.ops.status import add_arguments as add_status_arguments
+    from transferqueue.cli.status import add_arguments as add_status_arguments
 
     add_status_arguments(status)
     return parser
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_benchmarks(args.names, json_path=args.json, quick=args.quick)
     if args.command == "status":
-        from transferqueue.ops.status import run as run_status
+        from transferqueue.cli.status import run as run_status
 
         return run_status(args)
     from transferqueue.cli.serve import serve
