@@ -42,7 +42,12 @@ from transferqueue.errors import (
 )
 from transferqueue.runtime.actor import DEFAULT, Actor, ActorRef, Address, current_deadline
 from transferqueue.runtime.loop import runtime_loop
-from transferqueue.runtime.transports import base, transport_class
+from transferqueue.runtime.transports import (
+    address_url,
+    base,
+    parse_address_url,
+    transport_class,
+)
 
 __all__ = [
     "TRANSPORTS",
@@ -142,7 +147,7 @@ class ActorHandle:
     @property
     def url(self) -> str:
         """The actor's address as text, for :func:`connect` (e.g. in another process)."""
-        return _format_url(self.address)
+        return address_url(self.address)
 
     @property
     def pid(self) -> int | None:
@@ -208,9 +213,10 @@ def spawn(
     if not isinstance(cls, type):
         raise TypeError(f"spawn() takes an actor class, got {cls!r:.100}")
     cfg = _config(config, transport)
-    if cfg.transport == "zmq" and cls.__module__ == "__main__":
+    if transport_class(cfg.transport).imports_actor_classes and cls.__module__ == "__main__":
         raise ConfigError(
-            f"{cls.__name__} is defined in __main__, which a zmq actor process cannot import; "
+            f"{cls.__name__} is defined in __main__, which a {cfg.transport} actor process "
+            "cannot import; "
             "define the actor class in a module of its own and import it from there"
         )
     return ActorHandle(cls, args, kwargs, cfg, name)
@@ -223,7 +229,7 @@ def connect(
     :attr:`ActorHandle.url` (e.g. printed by another process). It connects lazily, on its
     first call; ``config`` gives its timeouts."""
     if isinstance(address, str):
-        address = _parse_url(address)
+        address = parse_address_url(address)
     elif not isinstance(address, Address):
         raise TypeError(f"connect() takes an Address or its url, got {address!r:.100}")
     return ActorRef(address, load_config(config))
@@ -239,30 +245,3 @@ def run(awaitable: Awaitable[T], timeout: float | None = None) -> T:
         return await awaitable
 
     return runtime_loop().run(wait(), timeout)
-
-
-# ------------------------------------------------------------------------ addresses as text
-
-
-def _format_url(address: Address) -> str:
-    if address.transport == "zmq":
-        return f"zmq+{address.endpoint}"  # zmq+tcp://127.0.0.1:5555, zmq+ipc:///tmp/x.sock
-    if address.transport == "ray":
-        return f"ray://{address.namespace}/{address.endpoint}"
-    return f"inproc://{address.pid}/{address.endpoint}"
-
-
-def _parse_url(url: str) -> Address:
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme.startswith("zmq+") and scheme[4:] in ("tcp", "ipc") and rest:
-        return Address("zmq", url[4:])
-    first, slash, last = rest.partition("/")
-    if sep and slash and first and last:
-        if scheme == "ray":
-            return Address("ray", last, namespace=first)
-        if scheme == "inproc" and first.isdigit():
-            return Address("inproc", last, pid=int(first))
-    raise ConfigError(
-        f"not an actor url: {url!r}; expected zmq+tcp://HOST:PORT, zmq+ipc://PATH, "
-        "ray://NAMESPACE/NAME or inproc://PID/KEY (an ActorHandle's url)"
-    )

@@ -51,7 +51,7 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from transferqueue.client import default
-from transferqueue.client.connect import connect, target_config
+from transferqueue.client.connect import connect, shareable, target_config
 from transferqueue.client.streams import (
     _check_sizes,
     _Fetcher,
@@ -165,7 +165,7 @@ class StreamingDataset(IterableDataset[Item]):
 
     def check_workers(self, num_workers: int) -> None:
         """Raise a clear error when ``num_workers`` DataLoader workers cannot reach the system."""
-        if num_workers > 0 and self.config.transport == "inproc":
+        if num_workers > 0 and not shareable(self.config):
             raise TransportUnavailableError(f"StreamingDataset: {_INPROC_WORKERS}")
 
     def step(self, partition_id: str) -> None:

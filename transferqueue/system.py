@@ -28,11 +28,13 @@ from transferqueue.client.sync_facade import TransferQueueClient
 from transferqueue.config import Config, apply_env, load_config
 from transferqueue.controller.actor import ControllerActor
 from transferqueue.errors import ConfigError, NotInitializedError
-from transferqueue.runtime.actor import ActorRef
 from transferqueue.runtime.loop import runtime_loop
 from transferqueue.runtime.transports import transport_class
 from transferqueue.runtime.transports.base import ActorHandle
 from transferqueue.storage.unit import StorageUnit
+
+#: the name the controller is spawned under (found by it where the transport names actors)
+CONTROLLER_NAME = "controller"
 
 
 class System:
@@ -81,7 +83,6 @@ async def start_system(config: Config) -> System:
     """Spawn a controller and the storage units on ``config.transport``."""
     transport = transport_class(config.transport)(config)
     n = config.storage.units
-    controller_name = "controller" if config.transport == "ray" else None
     # the capacity is one system-wide bound, kept by the controller when it admits puts
     controller_options = {
         "num_units": n,
@@ -95,7 +96,7 @@ async def start_system(config: Config) -> System:
             ControllerActor,
             (config.controller.pre_allocate, config.controller.sampler),
             controller_options,
-            name=controller_name,
+            name=CONTROLLER_NAME,
         ),
         *(transport.spawn(StorageUnit, (i, n, None, False)) for i in range(n)),
         return_exceptions=True,
@@ -122,20 +123,15 @@ def attach_system(config: Config) -> System:
     return System(config, [])
 
 
-def _find_named_ray_system(config: Config) -> Config | None:
-    """On ray, a controller started by init is a named actor: attach to it if it exists."""
-    if config.transport != "ray":
-        return None
-    ray_transport: Any = transport_class("ray")  # a clear error when ray is not installed
-    address = ray_transport.find_named("controller", config)
+def _find_named_system(config: Config) -> Config | None:
+    """Where the transport names actors (Ray), a controller started by init is found by
+    its name: attach to it if it exists."""
+    address = transport_class(config.transport).find_named(CONTROLLER_NAME, config)
     if address is None:
         return None
-    ref = ActorRef(address, config)
-    try:
-        info = runtime_loop().run(ref.call("system_info"))
-    finally:
-        runtime_loop().run(ref.aclose())
-    return dataclasses.replace(config, system=info)
+    return runtime_loop().run(
+        resolve(dataclasses.replace(config, system={"controller": address.to_plain()}))
+    )
 
 
 _lock = threading.Lock()
@@ -165,7 +161,7 @@ def init(config: Config | Any = None) -> Config:
             _default = None
         cfg = apply_env(load_config(config))
         if cfg.system is None:
-            cfg = _find_named_ray_system(cfg) or cfg
+            cfg = _find_named_system(cfg) or cfg
         if cfg.system is not None:
             _default = attach_system(cfg)
         else:

@@ -106,3 +106,41 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert offending([bad], RUNTIME) == {
         "bad.py": {"transferqueue.system", "transferqueue.system.init"}
     }
+
+
+TRANSPORT_NAMES = {"inproc", "zmq", "ray"}
+#: commands that exist for one transport: `serve` is the zmq server (it refuses another)
+SERVES_ONE = {"serve.py"}
+
+
+def transport_branches(path: Path) -> list[int]:
+    """Lines of ``path`` that compare something with a transport's name."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            named = [
+                o for o in operands if isinstance(o, ast.Constant) and o.value in TRANSPORT_NAMES
+            ]
+            if named:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_transport_name_branches_outside_the_transports() -> None:
+    """What differs between transports is a property of the transport class
+    (``cross_process``, ``names_actors``, ``find_named``...), asked, not a name compared."""
+    found = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in modules("**/*.py")
+        if "transports" not in path.parts
+        and path.name not in SERVES_ONE
+        and (lines := transport_branches(path))
+    }
+    assert found == {}
+
+
+def test_the_branch_finder_sees_one(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\nif config.transport == 'ray':\n    pass\n")
+    assert transport_branches(bad) == [2]

@@ -366,8 +366,8 @@ def _spawn(plan: Plan, ledger: Ledger, fn: Callable[..., None], *args: Any) -> t
 
 def _config(transport: str) -> dict[str, Any]:
     config: dict[str, Any] = {"transport": transport, "controller": {"sampler": "rank_aware"}}
-    if transport == "ray":  # a namespace of its own: never attach to another job's system
-        config["ray"] = {"namespace": f"transferqueue-demo-{time.time_ns()}"}
+    # on Ray a namespace of its own: never attach to another job's system
+    config["ray"] = {"namespace": f"transferqueue-demo-{time.time_ns()}"}
     return config
 
 

@@ -231,8 +231,8 @@ def _async_summary(plan: AsyncPlan, ledger: AsyncLedger, transport: str) -> list
 
 def _async_config(transport: str) -> dict[str, Any]:
     config: dict[str, Any] = {"transport": transport}
-    if transport == "ray":  # a namespace of its own: never attach to another job's system
-        config["ray"] = {"namespace": f"transferqueue-demo-{time.time_ns()}"}
+    # on Ray a namespace of its own: never attach to another job's system
+    config["ray"] = {"namespace": f"transferqueue-demo-{time.time_ns()}"}
     return config
 
 

@@ -34,6 +34,12 @@ def target_config(target: Target) -> Config:
     return load_config(target)
 
 
+def shareable(config: Config) -> bool:
+    """Whether processes other than the one that started it can reach a system on
+    ``config.transport`` (DataLoader workers, spawned producers)."""
+    return transport_class(config.transport).cross_process
+
+
 def client_for(config: Config) -> AsyncTransferQueueClient:
     """An async client of the system ``config.system`` names in full (no I/O here: its
     connections open on first use, in the loop that uses them)."""

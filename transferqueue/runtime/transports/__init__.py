@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from transferqueue.errors import ConfigError, TransportUnavailableError
+from transferqueue.runtime.transports.base import Address
 
 if TYPE_CHECKING:
     from transferqueue.runtime.transports.base import Transport
@@ -38,3 +39,28 @@ def transport_class(name: str) -> type[Transport]:
             f'({exc.name}): pip install "transferqueue[{extra}]"'
         ) from exc
     return getattr(module, attr)  # type: ignore[no-any-return]
+
+
+def address_url(address: Address) -> str:
+    """An actor's address as text (``ActorHandle.url``), parsed back by :func:`parse_address_url`."""
+    if address.transport == "zmq":
+        return f"zmq+{address.endpoint}"  # zmq+tcp://127.0.0.1:5555, zmq+ipc:///tmp/x.sock
+    if address.transport == "ray":
+        return f"ray://{address.namespace}/{address.endpoint}"
+    return f"inproc://{address.pid}/{address.endpoint}"
+
+
+def parse_address_url(url: str) -> Address:
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.startswith("zmq+") and scheme[4:] in ("tcp", "ipc") and rest:
+        return Address("zmq", url[4:])
+    first, slash, last = rest.partition("/")
+    if sep and slash and first and last:
+        if scheme == "ray":
+            return Address("ray", last, namespace=first)
+        if scheme == "inproc" and first.isdigit():
+            return Address("inproc", last, pid=int(first))
+    raise ConfigError(
+        f"not an actor url: {url!r}; expected zmq+tcp://HOST:PORT, zmq+ipc://PATH, "
+        "ray://NAMESPACE/NAME or inproc://PID/KEY (an ActorHandle's url)"
+    )

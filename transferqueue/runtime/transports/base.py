@@ -156,9 +156,22 @@ class Transport(abc.ABC):
     #: receive buffers). Otherwise (inproc: the actor's memory; ray: read-only object-store
     #: memory) the client copies what it hands to callers.
     replies_owned: bool = False
+    #: whether other processes can reach this transport's actors (inproc: no)
+    cross_process: bool = True
+    #: whether an actor class must be importable by module path in the actor's own process
+    #: (so not defined in ``__main__``): zmq starts a fresh interpreter
+    imports_actor_classes: bool = False
+    #: whether ``spawn(name=...)`` registers a name other processes find (``find_named``)
+    names_actors: bool = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
+
+    @staticmethod
+    def find_named(name: str, config: Config) -> Address | None:
+        """The address of the actor spawned as ``name``, if this transport names actors and
+        one is running; ``None`` otherwise."""
+        return None
 
     @abc.abstractmethod
     async def spawn(

@@ -127,6 +127,7 @@ class _InprocHandle(ActorHandle):
 
 class InprocTransport(Transport):
     name = "inproc"
+    cross_process = False
 
     async def spawn(
         self,

@@ -157,6 +157,7 @@ class _RayHandle(ActorHandle):
 
 class RayTransport(Transport):
     name = "ray"
+    names_actors = True
 
     async def spawn(
         self,

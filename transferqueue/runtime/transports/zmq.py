@@ -370,6 +370,7 @@ def _read_address(proc: subprocess.Popen[bytes]) -> str:
 
 class ZmqTransport(Transport):
     name = "zmq"
+    imports_actor_classes = True
     replies_owned = True
 
     async def spawn(
