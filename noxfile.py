@@ -8,12 +8,20 @@ as they are, so set-up costs nothing and no session can download a second (CUDA)
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
+import os
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import nox
 
+#: `nox` alone: lint, typecheck, and the three transports' suites run side by side
 nox.options.sessions = ["lint", "typecheck", "tests"]
+TRANSPORTS = ("inproc", "zmq", "ray")
 
 #: the interpreter running nox: the environment README's pip command installed into
 PYTHON = sys.executable
@@ -30,15 +38,48 @@ def check_environment(session: nox.Session) -> None:
         )
 
 
-@nox.session(python=False)
-@nox.parametrize("transport", ["inproc", "zmq", "ray"])
-def tests(session: nox.Session, transport: str) -> None:
-    """The test suite on one transport (inproc also runs the transport-free unit tests)."""
-    check_environment(session)
-    args = ["-m", "pytest", f"--transport={transport}", *session.posargs]
-    if transport != "inproc":
+def pytest_args(transport: str, posargs: list[str]) -> list[str]:
+    args = ["-m", "pytest", f"--transport={transport}", "-p", "no:cacheprovider", *posargs]
+    if transport != "inproc":  # inproc also runs the transport-free unit tests
         args += ["-m", "transport"]
-    session.run(PYTHON, *args)
+    return args
+
+
+@nox.session(python=False)
+@nox.parametrize("transport", list(TRANSPORTS))
+def transport(session: nox.Session, transport: str) -> None:
+    """The test suite on one transport: ``nox -s "transport(transport='zmq')"``."""
+    check_environment(session)
+    session.run(PYTHON, *pytest_args(transport, session.posargs))
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The test suite on every transport, the three runs side by side (much of a run is
+    waiting on other processes: actor start-up, Ray, deadlines), each logged to a file that
+    is printed when it ends. ``TQ_TEST_JOBS=1`` runs them one after the other."""
+    check_environment(session)
+    jobs = max(1, int(os.environ.get("TQ_TEST_JOBS", len(TRANSPORTS))))
+    logs = Path(tempfile.mkdtemp(prefix="tq-tests-"))
+
+    def run(name: str) -> tuple[str, int, float]:
+        cmd = [PYTHON, *pytest_args(name, session.posargs)]
+        session.log(f"[{name}] {' '.join(cmd)}  (log: {logs / name}.log)")
+        started = time.monotonic()
+        with (logs / f"{name}.log").open("w") as out:
+            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+        return name, code, time.monotonic() - started
+
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(run, n) for n in TRANSPORTS]):
+            name, code, took = future.result()
+            print((logs / f"{name}.log").read_text(), flush=True)
+            session.log(f"[{name}] exit {code} after {took:.0f} s")
+            if code != 0:
+                failed.append(name)
+    if failed:
+        session.error(f"tests failed on: {', '.join(sorted(failed))} (logs in {logs})")
 
 
 @nox.session(python=False)
