@@ -24,7 +24,7 @@ from tensordict import TensorDict
 
 from transferqueue.actor import DEFAULT as DEFAULT_TIMEOUT
 from transferqueue.actor import ActorRef
-from transferqueue.columns import assemble, field_spec, payload_bytes, to_columns
+from transferqueue.columns import assemble, cast_columns, field_spec, payload_bytes, to_columns
 from transferqueue.config import Config
 from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
 from transferqueue.loop import LoopThread, background, runtime_loop
@@ -234,6 +234,7 @@ class AsyncTransferQueueClient:
             list(tags) if tags is not None else None, payload_bytes(columns), self.client_id,
         )  # fmt: skip
         lease = begun["lease"]
+        columns = cast_columns(columns, begun.get("dtypes"))  # a field's one dtype
         try:
             if self.put_hook is not None:
                 await self.put_hook("begun")
