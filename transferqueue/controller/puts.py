@@ -81,6 +81,7 @@ class PutsAndBytes:
         def meta_of(
             self, pid: str, rows: Any, fields: Sequence[str], check: bool = True
         ) -> BatchMeta: ...
+        def common_fields(self, pid: str, rows: Sequence[int]) -> list[str]: ...
 
     # ------------------------------------------------------------ puts under a lease
     def begin_put(
@@ -263,7 +264,12 @@ class PutsAndBytes:
         self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
         self.leases.pop(lease_id)
         self.capacity.settle(lease.nbytes, net_bytes)
-        return self.meta_of(lease.pid, lease.rows, list(lease.specs))
+        fields = list(lease.specs)
+        if len(lease.rows) and all(r in part.row_keys for r in lease.rows.tolist()):
+            # a put by key returns the keys' metadata, as upstream's kv_put: every field
+            # all of them have, not only the ones this put wrote
+            fields = self.common_fields(lease.pid, lease.rows.tolist())
+        return self.meta_of(lease.pid, lease.rows, fields)
 
     def end_lease(self, lease_id: int, reason: str = "aborted") -> Release | None:
         """End a live lease without publishing; ``None`` if it already ended (a commit
