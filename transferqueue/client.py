@@ -236,8 +236,8 @@ class AsyncTransferQueueClient:
             list(tags) if tags is not None else None, payload_bytes(columns), self.client_id,
         )  # fmt: skip
         lease = begun["lease"]
-        columns = cast_columns(columns, begun.get("dtypes"))  # a field's one dtype
         try:
+            columns = cast_columns(columns, begun.get("dtypes"))  # a field's one dtype
             if self.put_hook is not None:
                 await self.put_hook("begun")
             nets = []

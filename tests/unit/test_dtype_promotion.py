@@ -117,3 +117,14 @@ def test_cast_columns_casts_tensor_columns_only() -> None:
     assert out["a"].dtype == torch.float32 and all(t.dtype == torch.float64 for t in out["b"])
     assert out["s"] == ["x"] and cols["a"].dtype == torch.int64  # the input is not changed
     assert cast_columns(cols, None) is cols
+
+
+def test_promotion_into_a_longer_pooled_buffer() -> None:
+    store = Store()
+    store.write("old", list(range(10)), {"x": torch.zeros(10, 4, dtype=torch.float64)})
+    store.clear_partition("old")  # its buffer goes to the pool, longer than 3 rows need
+    assert store.pooled_bytes > 0
+    store.write("p", [0, 1, 2], {"x": torch.tensor([[1, 2, 3, 4]] * 3, dtype=torch.int32)})
+    store.write("p", [3], {"x": torch.full((1, 4), 0.5, dtype=torch.float64)})
+    got = store.read("p", [0, 1, 2, 3], ["x"])["x"]
+    assert got.dtype == torch.float64 and got[:, 0].tolist() == [1, 1, 1, 0.5]

@@ -312,7 +312,9 @@ class Field:
         before, after = self.nbytes, self.promoted_bytes(dtype)
         if self.buffer is not None:
             grown = self.pool.take(self.buffer.shape[0], tuple(self.buffer.shape[1:]), dtype)
-            grown.copy_(self.buffer)  # converts
+            grown[: self.buffer.shape[0]].copy_(
+                self.buffer
+            )  # converts (a pooled one may be longer)
             self.pool.give(self.buffer)
             self.buffer, self.written = grown, 0
         if self.arena is not None:
