@@ -168,9 +168,9 @@ async def test_a_commit_refused_after_the_writes_releases_its_rows(leased, pid) 
     first.put_hook = hold
     held = asyncio.ensure_future(first.put({"x": torch.ones(1, 4)}, partition_id=pid))
     await written.wait()  # both are first puts of x: begin_put cannot refuse either
-    await second.put({"x": torch.ones(1, 4, dtype=torch.int64)}, partition_id=pid)
+    await second.put({"x": torch.ones(1, 4, 2)}, partition_id=pid)  # another per-row rank
     go.set()
-    with pytest.raises(SchemaError, match=r"holds dtype torch\.int64"):
+    with pytest.raises(SchemaError, match=r"holds dtype torch\.float32 with per-row rank 2"):
         await held
     info = await second.partition_info(pid)
     assert (info.in_flight, info.size, info.produced) == (0, 2, {"x": 1})

@@ -252,3 +252,66 @@ def test_async_upstream_aliases_have_upstream_argument_order() -> None:
     ):  # fmt: skip
         assert inspect.iscoroutinefunction(getattr(c, f"async_{name}")), name
         assert params(getattr(c, f"async_{name}")) == params(getattr(c, name)), name
+
+
+# ------------------------------------------------ the API checklist
+def test_kv_put_returns_the_keys_metadata(client, pid) -> None:
+    first = client.kv_put(["a", "b"], pid, {"x": torch.ones(2, 1)}, [{"n": 1}, {"n": 2}])
+    assert (first.fields, first.tags) == (["x"], [{"n": 1}, {"n": 2}])
+    more = client.kv_put(["a", "b"], pid, {"y": torch.zeros(2)})
+    assert more.rows == first.rows and more.fields == ["x", "y"]  # every field the keys have
+    tagged = client.kv_put(["a"], pid, tags=[{"done": True}])
+    assert tagged.fields == ["x", "y"] and tagged.tags == [{"n": 1, "done": True}]
+    assert sorted(client.get_data(tagged).keys()) == ["x", "y"]
+    # a key that has fewer fields: only the fields every key has
+    assert client.kv_put(["a", "c"], pid, {"y": torch.ones(2)}).fields == ["y"]
+
+
+def test_put_takes_upstream_keywords(client, pid) -> None:
+    meta = client.put(data={"x": torch.ones(2, 1)}, metadata=None, partition_id=pid)
+    again = client.put(data={"z": torch.ones(2)}, metadata=meta, partition_id=None)
+    assert again.rows == meta.rows
+
+
+KEYWORD_ONLY = {
+    "put": ["tags"],
+    "get_meta": ["wait", "timeout", "drop_last", "where", "max_version_lag", "evict", "lease_s"],
+    "get_data": ["fields", "device", "metadata"],
+    "reserve": ["timeout", "wait"],
+    "kv_list": ["where", "min_count", "timeout"],
+    "create_partition": ["max_staleness", "global_batch_size"],
+    "clear_samples": ["metadata"],
+}
+
+
+def test_parameters_after_the_first_few_are_keyword_only() -> None:
+    for cls in (tq.AsyncTransferQueueClient, tq.TransferQueueClient):
+        for name, names in KEYWORD_ONLY.items():
+            sig = inspect.signature(getattr(cls, name)).parameters
+            kinds = {n: sig[n].kind for n in names}
+            assert set(kinds.values()) == {inspect.Parameter.KEYWORD_ONLY}, (cls, name, kinds)
+    assert inspect.signature(tq.AsyncTransferQueueClient.async_put).parameters["tags"].kind == (
+        inspect.Parameter.KEYWORD_ONLY
+    )
+
+
+def test_the_sync_facade_is_the_async_client_typed() -> None:
+    import typing
+
+    for name in SYNC_METHODS:
+        method = getattr(tq.TransferQueueClient, name)
+        target = getattr(tq.AsyncTransferQueueClient, name)
+        assert method.__wrapped__ is target, name  # generated from it: mypy sees its types
+        hints = typing.get_type_hints(target)
+        assert hints.get("return", typing.Any) is not typing.Any, name
+
+
+async def test_every_client_closes_both_ways(system, pid) -> None:
+    c = system.new_async_client()
+    await c.put(batch(1), pid)
+    await c.close()
+    await c.aclose()
+    assert (await c.partition_info(pid)).size == 1  # a later call connects again
+    await c.aclose()
+    assert callable(tq.TransferQueueClient.close)
+    assert hasattr(tq.TransferQueueClient, "__enter__") and hasattr(c, "__aenter__")

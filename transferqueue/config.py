@@ -1,7 +1,8 @@
 """Configuration: frozen dataclasses with every default in one place.
 
 Build a :class:`Config` from any Mapping (a dict, an OmegaConf ``DictConfig``, ...) or a
-YAML / TOML file holding the same keys with :func:`load_config`. Unknown keys raise
+YAML / TOML file holding the same keys with :func:`load_config`; the public TransferQueue's
+config shape is accepted too (:mod:`transferqueue.upstream_config` maps it). Unknown keys raise
 :class:`~transferqueue.errors.ConfigError` naming the key and the valid ones (and the file).
 Environment variables are read by :func:`apply_env`, called once by ``tq.init`` -- never at
 import.
@@ -150,6 +151,14 @@ class Config:
             raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
 
 
+def _ours(data: Any) -> Mapping[str, Any]:
+    """``data`` with the public TransferQueue's keys mapped to ours (:mod:`.upstream_config`:
+    ``backend.SimpleStorage.num_data_storage_units`` -> ``storage.units``, ...)."""
+    from transferqueue.upstream_config import from_upstream
+
+    return from_upstream(data)[0]
+
+
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     valid = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -196,7 +205,7 @@ def load_config(
             f"a config string must name a {'/'.join(CONFIG_FILE_SUFFIXES)} file; got {config!r}"
         )
     if isinstance(config, Mapping) or hasattr(config, "keys"):
-        return _build(Config, config, "")
+        return _build(Config, _ours(config), "")
     raise ConfigError(
         f"config must be a Mapping, a Config or a config file path; got {type(config).__name__}"
     )
@@ -265,7 +274,7 @@ def _parse_config_file(path: Path) -> Mapping[str, Any]:
 
 def _config_from_file(path: Path, data: Mapping[str, Any]) -> Config:
     try:
-        return _build(Config, data, "")
+        return _build(Config, _ours(data), "")
     except ConfigError as exc:
         raise ConfigError(f"config file {str(path)!r}: {exc}") from None
     except (TypeError, AttributeError) as exc:  # a value of the wrong type: ``units: two``

@@ -18,6 +18,7 @@ import asyncio
 import atexit
 import dataclasses
 import os
+import sys
 import threading
 from typing import Any
 
@@ -134,6 +135,28 @@ def _find_named_system(config: Config) -> Config | None:
     )
 
 
+def _in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (runs Ray tasks or an actor): it imported ray."""
+    if "ray" not in sys.modules:
+        return False
+    ray_transport: Any = transport_class("ray")
+    return bool(ray_transport.in_worker())
+
+
+def attach_from_ray_worker(config: Config) -> Config:
+    """A bare ``tq.init()`` in a Ray worker: the system that ``tq.init`` started on Ray in
+    ``config.ray.namespace``; NotInitializedError when there is none."""
+    found = _find_named_system(config)
+    if found is None:
+        raise NotInitializedError(
+            f"tq.init() in a Ray worker attaches to the system the driver started on Ray, but "
+            f"Ray namespace {config.ray.namespace!r} holds none: call "
+            f"tq.init({{'transport': 'ray', ...}}) in the driver before starting the workers "
+            f"(or pass the config it returned to tq.init here)"
+        )
+    return found
+
+
 _lock = threading.Lock()
 _default: System | None = None
 #: systems a forked child inherited from its parent: kept referenced, never stopped here
@@ -145,7 +168,12 @@ def init(config: Config | Any = None) -> Config:
     names; make it this process's default. ``config`` may be a Config, a Mapping, a YAML /
     TOML config file (a path, or a str ending in .yaml/.yml/.toml or naming an existing file)
     or the controller address printed by ``python -m transferqueue serve``. Returns the
-    effective config."""
+    effective config.
+
+    A bare ``tq.init()`` in a Ray worker (a Ray task or actor) attaches to the system the
+    driver started on Ray (``tq.init({"transport": "ray"})``, named actors in the
+    ``ray.namespace`` "transferqueue"), and raises NotInitializedError when there is none;
+    anywhere else it starts an in-process system, Ray or not (docs/migrating.md)."""
     global _default
     if isinstance(config, str):  # a config file, or the address `serve` printed
         config = target_config(config)
@@ -159,7 +187,10 @@ def init(config: Config | Any = None) -> Config:
         if _default is not None:  # inherited through a fork: the parent's, not ours
             _inherited.append(_default)
             _default = None
-        cfg = apply_env(load_config(config))
+        if config is None and _in_ray_worker():
+            cfg = attach_from_ray_worker(apply_env(load_config({"transport": "ray"})))
+        else:
+            cfg = apply_env(load_config(config))
         if cfg.system is None:
             cfg = _find_named_system(cfg) or cfg
         if cfg.system is not None:

@@ -16,7 +16,7 @@ from transferqueue.errors import (
 
 F32 = {"dtype": "torch.float32", "ndim": 1}
 F32_SPEC = {"x": F32}
-I64 = {"dtype": "torch.int64", "ndim": 1}
+RANK2 = {"dtype": "torch.float32", "ndim": 2}  # cannot mix with F32 (dtypes promote)
 MiB = 1 << 20
 
 
@@ -43,9 +43,9 @@ def test_a_commit_refused_releases_nothing_published_and_the_stream_ends() -> No
     state = ControllerState()
     state.create_partition("p", expected_size=2)
     a = state.begin_put("p", {"x": F32}, now=0, n=1)
-    b = state.begin_put("p", {"x": I64}, now=0, n=1)  # a first put of x too: not known yet
+    b = state.begin_put("p", {"x": RANK2}, now=0, n=1)  # a first put of x too: not known yet
     state.commit_put(a.lease)
-    with pytest.raises(SchemaError, match=r"holds dtype torch\.float32"):
+    with pytest.raises(SchemaError, match=r"holds dtype torch\.float32 with per-row rank 1"):
         state.commit_put(b.lease)
     rel = state.end_lease(b.lease)
     assert rel is not None and rel.rows.tolist() == [1]

@@ -16,7 +16,7 @@ from transferqueue.controller.state import ControllerState
 from transferqueue.errors import PutLeaseExpiredError, RowsBusyError, SchemaError
 
 PID = "p"
-SPECS = [{"x": {"dtype": "torch.float32", "ndim": 1}}, {"x": {"dtype": "torch.int64", "ndim": 1}}]
+SPECS = [{"x": {"dtype": "torch.float32", "ndim": 1}}, {"x": {"dtype": "torch.float32", "ndim": 2}}]
 
 
 class LeaseMachine(RuleBasedStateMachine):
@@ -38,7 +38,7 @@ class LeaseMachine(RuleBasedStateMachine):
     def begin(self, n: int, spec: int) -> None:
         try:
             lease = self.state.begin_put(PID, SPECS[spec], now=self.now, n=n)
-        except SchemaError:  # refused up front: the field already holds the other dtype
+        except SchemaError:  # refused up front: the field already holds the other rank
             return
         self.leases[lease.lease] = lease.rows
 

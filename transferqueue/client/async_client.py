@@ -22,7 +22,13 @@ import torch
 from tensordict import TensorDict
 
 from transferqueue.client import streams
-from transferqueue.client.columns import assemble, field_spec, payload_bytes, to_columns
+from transferqueue.client.columns import (
+    assemble,
+    cast_columns,
+    field_spec,
+    payload_bytes,
+    to_columns,
+)
 from transferqueue.client.routing import group_by_unit, runs, take
 from transferqueue.config import Config
 from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
@@ -95,6 +101,7 @@ class AsyncTransferQueueClient:
         partition_id: str,
         n: int,
         version: int | None = None,
+        *,
         timeout: float | None = None,
         wait: bool = True,
     ) -> BatchMeta:
@@ -188,6 +195,7 @@ class AsyncTransferQueueClient:
         data: Any,
         partition_id: str | None = None,
         metadata: BatchMeta | None = None,
+        *,
         tags: Sequence[dict[str, Any]] | None = None,
     ) -> BatchMeta:
         """Write a batch; returns the BatchMeta of the rows written.
@@ -235,6 +243,7 @@ class AsyncTransferQueueClient:
         )  # fmt: skip
         lease = begun["lease"]
         try:
+            columns = cast_columns(columns, begun.get("dtypes"))  # a field's one dtype
             if self.put_hook is not None:
                 await self.put_hook("begun")
             nets = []
@@ -392,9 +401,9 @@ class AsyncTransferQueueClient:
     async def get_data(
         self,
         meta: BatchMeta | None = None,
+        *,
         fields: Sequence[str] | None = None,
         device: torch.device | str | None = None,
-        *,
         metadata: BatchMeta | None = None,
     ) -> TensorDict:
         """The data of ``meta``'s rows, in its row order, as a TensorDict. (``metadata=`` is
@@ -427,7 +436,9 @@ class AsyncTransferQueueClient:
         tags: Sequence[dict[str, Any]] | None = None,
     ) -> BatchMeta:
         """Write ``fields`` (one row per key) and/or merge ``tags`` into the keys' rows; new
-        keys get new rows. A put with only tags is how frameworks track sample status."""
+        keys get new rows. A put with only tags is how frameworks track sample status.
+        Returns the keys' metadata: their rows, every field all of them have (not only the
+        ones written here) and their tags."""
         keys = [keys] if isinstance(keys, str) else list(keys)
         if fields is None:
             if tags is None:
@@ -470,6 +481,7 @@ class AsyncTransferQueueClient:
     async def kv_list(
         self,
         partition_id: str | None = None,
+        *,
         where: dict[str, Any] | None = None,
         min_count: int | None = None,
         timeout: float | None = None,
@@ -525,6 +537,7 @@ class AsyncTransferQueueClient:
         data: Any,
         metadata: BatchMeta | None = None,
         partition_id: str | None = None,
+        *,
         tags: Sequence[dict[str, Any]] | None = None,
     ) -> BatchMeta:
         """:meth:`put` with the public TransferQueue's argument order (``metadata`` second)."""

@@ -48,6 +48,46 @@ def field_spec(column: Column) -> dict[str, Any]:
     return {"dtype": "object", "ndim": -1}
 
 
+def _dtype_of(column: Column) -> torch.dtype | None:
+    if isinstance(column, torch.Tensor):
+        return column.dtype
+    if column and all(isinstance(v, torch.Tensor) for v in column):
+        return column[0].dtype
+    return None
+
+
+def cast(column: Column, dtype: torch.dtype) -> Column:
+    """A tensor column (dense, nested or per-row tensors) in ``dtype``."""
+    if isinstance(column, torch.Tensor):
+        return column.to(dtype)
+    return [v.to(dtype) for v in column]
+
+
+def cast_columns(columns: dict[str, Column], dtypes: Mapping[str, str] | None) -> dict[str, Column]:
+    """``columns`` with the fields ``dtypes`` names (``{field: "torch.float32"}``, what the
+    partition holds them as) cast to those dtypes."""
+    if not dtypes:
+        return columns
+    out = dict(columns)
+    for name, dtype in dtypes.items():
+        target = getattr(torch, dtype.removeprefix("torch."), None)
+        if name in out and isinstance(target, torch.dtype) and _dtype_of(out[name]) is not None:
+            out[name] = cast(out[name], target)
+    return out
+
+
+def common_dtype(columns: Sequence[Column]) -> torch.dtype | None:
+    """``torch.promote_types`` of the dtypes of tensor ``columns`` (the pieces of one field
+    from several units) when they differ; ``None`` when they agree (or hold no tensors)."""
+    dtypes = {d for d in map(_dtype_of, columns) if d is not None}
+    if len(dtypes) < 2:
+        return None
+    out = dtypes.pop()
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
 def payload_bytes(columns: dict[str, Column]) -> int:
     """About the bytes a put stores (what the controller reserves against the capacity;
     the commit replaces it by what the units report)."""
@@ -153,7 +193,14 @@ def assemble(
     # every field has the same pieces of the batch: find their runs once
     found = [routing.runs(pos) for pos, _ in parts] if n >= routing.SMALL else None
     for name in fields:
-        merged = routing.assemble([(pos, cols[name]) for pos, cols in parts], n, copy, found)
+        pieces = [(pos, cols[name]) for pos, cols in parts]
+        dtype = common_dtype([col for _, col in pieces]) if len(pieces) > 1 else None
+        if dtype is not None:  # units caught mid-promotion (a put widening the field)
+            pieces = [
+                (p, col if _dtype_of(col) in (None, dtype) else cast(col, dtype))
+                for p, col in pieces
+            ]
+        merged = routing.assemble(pieces, n, copy, found)
         out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
     td = TensorDict(out, batch_size=[n])
     return td.to(device) if device is not None else td

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from transferqueue.client.async_client import AsyncTransferQueueClient
 from transferqueue.config import Config
@@ -41,11 +41,20 @@ async def _aclose(
             await on_close()
 
 
-def _sync(name: str) -> Any:
-    method = getattr(AsyncTransferQueueClient, name)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _sync(
+    method: Callable[Concatenate[AsyncTransferQueueClient, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[TransferQueueClient, P], R]:
+    """The sync twin of an async client method: the same signature (mypy checks the
+    arguments and the result type; ``inspect.signature`` shows the async one's), run on
+    the runtime's loop thread."""
+    name = method.__name__
 
     @functools.wraps(method)
-    def call(self: TransferQueueClient, *args: Any, **kwargs: Any) -> Any:
+    def call(self: TransferQueueClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._loop.run(getattr(self.async_client, name)(*args, **kwargs))
 
     return call
@@ -110,29 +119,29 @@ class TransferQueueClient:
         # keeps running, so ``with tq.get_client() as c:`` is safe
         self.close()
 
-    create_partition = _sync("create_partition")
-    reserve = _sync("reserve")
-    advance_version = _sync("advance_version")
-    ack = _sync("ack")
-    nack = _sync("nack")
-    seal = _sync("seal")
-    list_partitions = _sync("list_partitions")
-    partition_info = _sync("partition_info")
-    clear_partition = _sync("clear_partition")
-    clear_samples = _sync("clear_samples")
-    reset_consumption = _sync("reset_consumption")
-    check_consumption_status = _sync("check_consumption_status")
-    check_production_status = _sync("check_production_status")
-    get_consumption_status = _sync("get_consumption_status")
-    get_production_status = _sync("get_production_status")
-    set_tags = _sync("set_tags")
-    set_custom_meta = _sync("set_custom_meta")
-    get_partition_list = _sync("get_partition_list")
-    put = _sync("put")
-    get_meta = _sync("get_meta")
-    get_data = _sync("get_data")
-    kv_put = _sync("kv_put")
-    kv_get = _sync("kv_get")
-    kv_list = _sync("kv_list")
-    kv_clear = _sync("kv_clear")
-    close = _sync("close")
+    create_partition = _sync(AsyncTransferQueueClient.create_partition)
+    reserve = _sync(AsyncTransferQueueClient.reserve)
+    advance_version = _sync(AsyncTransferQueueClient.advance_version)
+    ack = _sync(AsyncTransferQueueClient.ack)
+    nack = _sync(AsyncTransferQueueClient.nack)
+    seal = _sync(AsyncTransferQueueClient.seal)
+    list_partitions = _sync(AsyncTransferQueueClient.list_partitions)
+    partition_info = _sync(AsyncTransferQueueClient.partition_info)
+    clear_partition = _sync(AsyncTransferQueueClient.clear_partition)
+    clear_samples = _sync(AsyncTransferQueueClient.clear_samples)
+    reset_consumption = _sync(AsyncTransferQueueClient.reset_consumption)
+    check_consumption_status = _sync(AsyncTransferQueueClient.check_consumption_status)
+    check_production_status = _sync(AsyncTransferQueueClient.check_production_status)
+    get_consumption_status = _sync(AsyncTransferQueueClient.get_consumption_status)
+    get_production_status = _sync(AsyncTransferQueueClient.get_production_status)
+    set_tags = _sync(AsyncTransferQueueClient.set_tags)
+    set_custom_meta = _sync(AsyncTransferQueueClient.set_custom_meta)
+    get_partition_list = _sync(AsyncTransferQueueClient.get_partition_list)
+    put = _sync(AsyncTransferQueueClient.put)
+    get_meta = _sync(AsyncTransferQueueClient.get_meta)
+    get_data = _sync(AsyncTransferQueueClient.get_data)
+    kv_put = _sync(AsyncTransferQueueClient.kv_put)
+    kv_get = _sync(AsyncTransferQueueClient.kv_get)
+    kv_list = _sync(AsyncTransferQueueClient.kv_list)
+    kv_clear = _sync(AsyncTransferQueueClient.kv_clear)
+    close = _sync(AsyncTransferQueueClient.close)

@@ -284,11 +284,19 @@ class ControllerActor:
             "units": lease.units.tolist(),
             "fresh": lease.fresh.tolist(),
             "ttl": self._state.put_lease_s,
+            # fields the partition holds in a wider dtype: the client writes them so
+            "dtypes": self._state.target_dtypes(pid, lease.specs),
         }
 
     async def commit(self, pid: str, lease: int, net_bytes: int = 0) -> BatchMeta:
-        """Publish the put of ``lease``. A refused commit releases the lease at once."""
+        """Publish the put of ``lease``. A refused commit releases the lease at once. A put
+        that widens a field's dtype has every unit convert the rows it holds first, so
+        that a get returns the field's one dtype once the commit is visible."""
         try:
+            widened = self._state.widened(lease)
+            if widened:
+                calls = {u: ("promote", pid, widened) for u in self._alive_units()}
+                await self._on_units(calls)  # the bytes they grew by count as stored
             meta = self._state.commit_put(lease, net_bytes)
         except Exception:
             await self._end(lease, "aborted")

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from transferqueue.controller.leases import PutLease, PutLeases, Release
 from transferqueue.controller.partition import (
@@ -34,7 +35,29 @@ from transferqueue.errors import (
 )
 from transferqueue.metadata import BatchMeta
 
-__all__ = ["PutsAndBytes"]
+__all__ = ["PutsAndBytes", "promoted"]
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SchemaError(f"unknown tensor dtype {name!r}")
+    return dtype
+
+
+def promoted(old: FieldSpec, new: FieldSpec) -> FieldSpec | None:
+    """What a field holding ``old`` holds after a put of ``new``: the same per-row rank,
+    dtype ``torch.promote_types(old, new)`` (float32 then int64: float32; int64 then
+    float32: float32; float32 then float64: float64). ``None`` when they cannot mix: another
+    per-row rank, or tensors and non-tensor values."""
+    if old.ndim != new.ndim:
+        return None
+    if old.dtype == new.dtype:
+        return old
+    if "object" in (old.dtype, new.dtype):
+        return None
+    dtype = torch.promote_types(_torch_dtype(old.dtype), _torch_dtype(new.dtype))
+    return FieldSpec(str(dtype), old.ndim)
 
 
 class PutsAndBytes:
@@ -58,6 +81,7 @@ class PutsAndBytes:
         def meta_of(
             self, pid: str, rows: Any, fields: Sequence[str], check: bool = True
         ) -> BatchMeta: ...
+        def common_fields(self, pid: str, rows: Sequence[int]) -> list[str]: ...
 
     # ------------------------------------------------------------ puts under a lease
     def begin_put(
@@ -168,11 +192,42 @@ class PutsAndBytes:
                 raise TypeError(f"field names must be str, got {name!r}")
             spec = out[name] = FieldSpec.from_plain(raw)
             old = part.specs.get(name) if part is not None else None
-            if old is not None and old != spec:
+            if old is not None and promoted(old, spec) is None:
                 raise SchemaError(
                     f"field {name!r} of partition {pid!r} holds dtype {old.dtype} with per-row "
-                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim}"
+                    f"rank {old.ndim}; this put has dtype {spec.dtype} with rank {spec.ndim} "
+                    "(dtypes of tensors promote; ranks, and tensors vs values, cannot mix)"
                 )
+        return out
+
+    def target_dtypes(self, pid: str, specs: Mapping[str, FieldSpec]) -> dict[str, str]:
+        """The dtype each of ``specs``' fields holds once they are committed (checked
+        specs): the fields whose dtype that changes (a put of int64 into a float32 field is
+        written as float32), as ``{field: dtype}``."""
+        part = self._parts.get(pid)
+        if part is None:
+            return {}
+        out = {}
+        for name, spec in specs.items():
+            old = part.specs.get(name)
+            now = promoted(old, spec) if old is not None else spec
+            if now is not None and now.dtype != spec.dtype:
+                out[name] = now.dtype
+        return out
+
+    def widened(self, lease_id: int) -> dict[str, str]:
+        """The fields whose dtype the commit of ``lease_id`` widens, as ``{field: dtype}``:
+        the units convert the rows they hold before the commit publishes it."""
+        lease = self._live_lease(lease_id)
+        part = self._parts.get(lease.pid)
+        if part is None:
+            return {}
+        out = {}
+        for name, spec in lease.specs.items():
+            old = part.specs.get(name)
+            now = promoted(old, spec) if old is not None else None
+            if old is not None and now is not None and now.dtype != old.dtype:
+                out[name] = now.dtype
         return out
 
     def _live_lease(self, lease_id: int) -> PutLease:
@@ -209,7 +264,12 @@ class PutsAndBytes:
         self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
         self.leases.pop(lease_id)
         self.capacity.settle(lease.nbytes, net_bytes)
-        return self.meta_of(lease.pid, lease.rows, list(lease.specs))
+        fields = list(lease.specs)
+        if len(lease.rows) and all(r in part.row_keys for r in lease.rows.tolist()):
+            # a put by key returns the keys' metadata, as upstream's kv_put: every field
+            # all of them have, not only the ones this put wrote
+            fields = self.common_fields(lease.pid, lease.rows.tolist())
+        return self.meta_of(lease.pid, lease.rows, fields)
 
     def end_lease(self, lease_id: int, reason: str = "aborted") -> Release | None:
         """End a live lease without publishing; ``None`` if it already ended (a commit

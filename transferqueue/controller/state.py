@@ -66,7 +66,7 @@ from transferqueue.controller.partition import (
     tag_filter,
 )
 from transferqueue.controller.placement import Capacity, Placement
-from transferqueue.controller.puts import PutsAndBytes
+from transferqueue.controller.puts import PutsAndBytes, promoted
 from transferqueue.controller.samplers import CONTEXT_KEYS, BaseSampler, resolve_sampler
 from transferqueue.controller.status_queries import StatusQueries
 from transferqueue.errors import (
@@ -305,6 +305,8 @@ class ControllerState(PutsAndBytes, StatusQueries):
             if name not in part.specs:
                 part.specs[name] = spec
                 part.prod[name] = np.zeros(part.capacity, dtype=bool)
+            else:  # checked: the dtypes promote (torch.promote_types)
+                part.specs[name] = promoted(part.specs[name], spec) or spec
             part.prod[name][arr] = True
         part.state[arr] = COMMITTED
         part.merge_tags(arr, checked)

@@ -102,6 +102,12 @@ class JaggedArena:
         self.live = 0  # elements (first-dim entries) in live rows
         self.elem_bytes = torch.empty((1, *trail), dtype=dtype).nbytes
 
+    def promote(self, dtype: torch.dtype) -> None:
+        """Hold the rows in ``dtype`` from now on (a new buffer: views handed out stay)."""
+        self.values = self.values.to(dtype)
+        self.dtype = dtype
+        self.elem_bytes = torch.empty((1, *self.trail), dtype=dtype).nbytes
+
     def accepts(self, trail: tuple[int, ...], dtype: torch.dtype) -> bool:
         return trail == self.trail and dtype == self.dtype
 

@@ -155,6 +155,18 @@ class FieldData:
     def is_tensor(self) -> bool:
         return self.kind != "values"
 
+    def cast(self, dtype: torch.dtype) -> FieldData:
+        """This column in ``dtype`` (a tensor column; itself when it is in it already)."""
+        if self.dtype is None or self.dtype == dtype:
+            return self
+        data = (
+            self.data.to(dtype)
+            if isinstance(self.data, torch.Tensor)
+            else [t.to(dtype) for t in self.data]
+        )
+        nbytes = sum(tensor_nbytes(t) for t in _tensors(data))
+        return FieldData(self.kind, data, nbytes, dtype, self.lengths)
+
     @staticmethod
     def from_column(name: str, col: Any, n: int) -> FieldData:
         if isinstance(col, dict):
@@ -278,13 +290,39 @@ class Field:
         return out
 
     def check_compatible(self, name: str, col: FieldData) -> None:
+        """Tensors and non-tensor values do not mix; tensor dtypes promote (see
+        :meth:`promote`)."""
         if col.is_tensor != self.is_tensor:
             held = "tensors" if self.is_tensor else "non-tensor values"
             raise SchemaError(f"field {name!r} holds {held} in this partition; got {col.kind}")
-        if col.is_tensor and col.dtype != self.dtype:
-            raise SchemaError(
-                f"field {name!r} holds dtype {self.dtype} in this partition; got {col.dtype}"
-            )
+
+    def promoted_bytes(self, dtype: torch.dtype) -> int:
+        """The bytes this field holds once :meth:`promote` d to ``dtype``."""
+        if not self.is_tensor or self.dtype is None or self.dtype == dtype:
+            return self.nbytes
+        old = torch.empty((), dtype=self.dtype).element_size()
+        return self.nbytes * torch.empty((), dtype=dtype).element_size() // old
+
+    def promote(self, dtype: torch.dtype) -> int:
+        """Hold every row in ``dtype`` (wider than the field's: ``torch.promote_types``)
+        from now on, converting the rows held; returns the change in bytes. Views that
+        reads handed out keep the old values (the rows move to new buffers)."""
+        if not self.is_tensor or self.dtype is None or self.dtype == dtype:
+            return 0
+        before, after = self.nbytes, self.promoted_bytes(dtype)
+        if self.buffer is not None:
+            grown = self.pool.take(self.buffer.shape[0], tuple(self.buffer.shape[1:]), dtype)
+            grown[: self.buffer.shape[0]].copy_(
+                self.buffer
+            )  # converts (a pooled one may be longer)
+            self.pool.give(self.buffer)
+            self.buffer, self.written = grown, 0
+        if self.arena is not None:
+            self.arena.promote(dtype)
+        self.cells = {s: c.to(dtype) for s, c in self.cells.items()}
+        self.dtype = dtype
+        self.nbytes = after
+        return after - before
 
     def bytes_at(self, slots: torch.Tensor) -> int:
         """Bytes held at ``slots`` (unique)."""

@@ -37,8 +37,11 @@ buffer.
 Writes copy their data (CUDA tensors end up on the host). ``capacity_bytes`` bounds the stored
 data bytes (tensor ``numel * element_size``; ``len`` of str/bytes, ``sys.getsizeof`` of other
 values); a write that would exceed it raises :class:`StorageFullError` and writes nothing. Bad
-input raises :class:`SchemaError` and writes nothing: wrong column length, a tensor dtype other
-than the one the field holds, tensor vs non-tensor mixups, duplicate or negative rows.
+input raises :class:`SchemaError` and writes nothing: wrong column length, tensor vs non-tensor
+mixups, duplicate or negative rows. Tensor dtypes promote: a field holds one dtype,
+``torch.promote_types`` of every dtype written to it (and of :meth:`Store.promote`'s floor);
+a narrower write is cast to it, a wider one first converts the rows held (once per
+promotion: reads stay views of one buffer).
 Reading an unknown partition raises :class:`PartitionNotFoundError`; a missing cell a
 ``KeyError`` naming the row and field. Clearing a partition drops its buffers; clearing rows
 frees their slots for reuse, and a field or partition left empty is dropped. Dropped dense
@@ -52,6 +55,7 @@ buffers go to a bounded pool that later writes take them from instead of fresh m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +79,23 @@ class WritePlan:
     rows: torch.Tensor
     columns: dict[str, FieldData]
     nbytes: int
+    #: fields whose held rows move to a wider dtype first (``torch.promote_types``)
+    promote: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
+
+
+def _itemsize(dtype: torch.dtype | None) -> int:
+    return 1 if dtype is None else torch.empty((), dtype=dtype).element_size()
+
+
+def _as_dtype(value: Any) -> torch.dtype:
+    dtype = (
+        value
+        if isinstance(value, torch.dtype)
+        else getattr(torch, str(value).removeprefix("torch."), None)
+    )
+    if not isinstance(dtype, torch.dtype):
+        raise SchemaError(f"unknown tensor dtype {value!r}")
+    return dtype
 
 
 class _Partition:
@@ -154,6 +175,8 @@ class Store:
             raise SchemaError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
         self._partitions: dict[str, _Partition] = {}
+        #: per partition, the dtype a field is held in at least (set by :meth:`promote`)
+        self._floors: dict[str, dict[str, torch.dtype]] = {}
         self._nbytes = 0
         self._pool = BufferPool(lambda: self._nbytes)
 
@@ -197,16 +220,47 @@ class Store:
         cols = {
             str(name): FieldData.from_column(str(name), col, n) for name, col in columns.items()
         }
-        nbytes = sum(c.nbytes for c in cols.values())
         part = self._partitions.get(partition_id)
-        if part is not None and n:
-            slots = part.slots_of(rows_t)
-            for name, col in cols.items():
-                field = part.fields.get(name)
-                if field is not None:
-                    field.check_compatible(name, col)
-                    nbytes -= field.bytes_at(slots)
-        return WritePlan(partition_id, rows_t, cols, nbytes)
+        floors = self._floors.get(partition_id, {})
+        promote: dict[str, torch.dtype] = {}
+        nbytes = 0
+        slots = part.slots_of(rows_t) if part is not None and n else None
+        for name, col in cols.items():
+            held = part.fields.get(name) if part is not None else None
+            if held is not None:
+                held.check_compatible(name, col)
+            if col.dtype is not None:  # a tensor column: the field's one dtype
+                target = col.dtype
+                for other in (floors.get(name), held.dtype if held is not None else None):
+                    target = target if other is None else torch.promote_types(target, other)
+                col = cols[name] = col.cast(target)
+                if held is not None and held.dtype != target:
+                    promote[name] = target
+                    nbytes += held.promoted_bytes(target) - held.nbytes
+            nbytes += col.nbytes
+            if held is not None and slots is not None:
+                freed = held.bytes_at(slots)
+                if name in promote:
+                    freed = freed * _itemsize(promote[name]) // _itemsize(held.dtype)
+                nbytes -= freed
+        return WritePlan(partition_id, rows_t, cols, nbytes, promote)
+
+    def promote(self, partition_id: str, dtypes: dict[str, Any]) -> int:
+        """Hold fields of ``partition_id`` in at least these dtypes (``{field: dtype}``, a
+        torch dtype or its name), converting the rows held, and writing later rows so;
+        returns the change in stored bytes."""
+        floors = self._floors.setdefault(partition_id, {})
+        part = self._partitions.get(partition_id)
+        grown = 0
+        for name, raw in dtypes.items():
+            dtype = _as_dtype(raw)
+            floor = floors.get(name)
+            floors[name] = dtype if floor is None else torch.promote_types(floor, dtype)
+            held = part.fields.get(name) if part is not None else None
+            if held is not None and held.dtype is not None:
+                grown += held.promote(torch.promote_types(held.dtype, floors[name]))
+        self._nbytes += grown
+        return grown
 
     def apply_write(self, plan: WritePlan) -> None:
         """Store a plan from :meth:`prepare_write` (the store must not have changed since)."""
@@ -220,6 +274,8 @@ class Store:
             field = part.fields.get(name)
             if field is None:
                 field = part.fields[name] = Field(col.is_tensor, col.dtype, self._pool)
+            elif name in plan.promote:
+                self._nbytes += field.promote(plan.promote[name])
             freed = field.release(slots)
             field.write(slots, col)
             self._nbytes += col.nbytes - freed
@@ -298,6 +354,7 @@ class Store:
 
     def clear_partition(self, partition_id: str) -> int:
         """Drop the partition and its buffers (idempotent). Returns the bytes freed."""
+        self._floors.pop(partition_id, None)
         part = self._partitions.pop(partition_id, None)
         if part is None:
             return 0

@@ -140,6 +140,14 @@ class StorageUnit:
         await self._notify(freed)
         return freed
 
+    async def promote(self, partition_id: str, dtypes: dict[str, str]) -> int:
+        """Hold fields of ``partition_id`` in at least ``dtypes`` (``{field: dtype name}``),
+        converting the rows held; returns the bytes freed (negative: the rows grew)."""
+        _check_partition(partition_id)
+        if not isinstance(dtypes, dict):
+            raise SchemaError(f"dtypes must be a dict of field -> dtype, got {dtypes!r}")
+        return -self._store.promote(partition_id, dtypes)
+
     async def _notify(self, freed: int) -> None:
         if freed and self._waiting:
             async with self._space:

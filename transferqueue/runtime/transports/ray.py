@@ -194,6 +194,11 @@ class RayTransport(Transport):
     def find_named(name: str, config: Config) -> Address | None:
         return find_named(name, config)
 
+    @staticmethod
+    def in_worker() -> bool:
+        """Whether this process is a Ray worker (it runs Ray tasks or an actor)."""
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
 
 def _ensure_ray_started(namespace: str) -> None:
     """Spawning starts a local Ray cluster if this process is not connected to one."""
