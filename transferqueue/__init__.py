@@ -18,6 +18,7 @@ from transferqueue.errors import (
     ActorClosedError,
     ActorDiedError,
     ActorError,
+    CheckpointError,
     ConfigError,
     NotInitializedError,
     PartitionNotFoundError,
@@ -30,6 +31,7 @@ from transferqueue.errors import (
     SamplerError,
     SchemaError,
     StorageFullError,
+    SystemNotEmptyError,
     TransferQueueError,
     TransportUnavailableError,
 )
@@ -46,6 +48,12 @@ from transferqueue.kv import (
     kv_put,
 )
 from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.ops.checkpoint import (
+    async_load_checkpoint,
+    async_save_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from transferqueue.status import status
 from transferqueue.streaming import StreamingDataLoader, StreamingDataset
 from transferqueue.system import close, get_async_client, get_client, init
@@ -59,6 +67,7 @@ __all__ = [
     "AsyncTransferQueueClient",
     "BaseSampler",
     "BatchMeta",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "GRPOGroupNSampler",
@@ -79,6 +88,7 @@ __all__ = [
     "StorageFullError",
     "StreamingDataLoader",
     "StreamingDataset",
+    "SystemNotEmptyError",
     "TokenBudgetSampler",
     "TransferQueueClient",
     "TransferQueueError",
@@ -88,6 +98,8 @@ __all__ = [
     "async_kv_clear",
     "async_kv_list",
     "async_kv_put",
+    "async_load_checkpoint",
+    "async_save_checkpoint",
     "close",
     "get_async_client",
     "get_client",
@@ -97,6 +109,8 @@ __all__ = [
     "kv_clear",
     "kv_list",
     "kv_put",
+    "load_checkpoint",
     "load_config",
+    "save_checkpoint",
     "status",
 ]
