@@ -63,6 +63,7 @@ class CheckpointMethods:
 
     if TYPE_CHECKING:
         _state: ControllerState
+        _clearing: dict[str, asyncio.Event]
 
         async def _until(
             self, pid: str, ready: Callable[[], Any], timeout: float | None, late: str
@@ -218,8 +219,15 @@ class CheckpointMethods:
                 f"{existing[:8]}{' ...' if len(existing) > 8 else ''}: load into a fresh "
                 f"system, or pass overwrite=True to clear them first"
             )
+        await self._after_hold()  # a save's deferred clears would wipe restored bytes
         for pid in existing:
             await self.clear_partition(pid)
+        for p in plain:  # bytes of a partition of that id still being cleared
+            clearing = self._clearing.get(p["pid"])
+            if clearing is not None:
+                await clearing.wait()
+        if self._restores:
+            raise CheckpointError("another checkpoint load into this system is in progress")
         self._state.capacity.check(nbytes)
         self._state.capacity.reserve(nbytes)
         generations = [next(self._state._generations) for _ in plain]

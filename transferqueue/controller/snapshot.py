@@ -81,11 +81,9 @@ def _partition(state: Any, part: Partition, ended: list[Any]) -> dict[str, Any]:
     st[back], st[gone] = PENDING, DEAD
     version = part.row_version[:n].copy()
     version[gone] = -1
-    tags: list[Any] = []
-    for r, t in enumerate(part.tags[:n]):
-        if st[r] == DEAD or back[r]:
-            t = {"version": int(version[r])} if back[r] and version[r] >= 0 else None
-        tags.append(dict(t) if t else None)
+    tags = [t.copy() if t else None for t in part.tags[:n]]  # later merges do not leak in
+    for r in np.flatnonzero(gone | back).tolist():
+        tags[r] = {"version": int(version[r])} if back[r] and version[r] >= 0 else None
     committed = st == COMMITTED
     live = live_mask(st)
     fields = {
