@@ -12,7 +12,7 @@ they were: puts that would rewrite them wait, and clears drop rows from the stat
 but free their bytes -- and let their row ids be reused -- only when the hold ends. Puts of
 new rows go on (they are not in the snapshot).
 
-**Load.** ``checkpoint_restore_begin`` refuses a system that holds partitions
+**Load.** ``checkpoint_restore_begin`` refuses a system that holds partitions with rows
 (:class:`SystemNotEmptyError`) unless ``overwrite`` (then it clears them), places the
 checkpoint's rows on the live units and returns the placement; puts into those partitions
 wait. The client writes the bytes to the units, then ``checkpoint_restore_commit``
@@ -212,7 +212,9 @@ class CheckpointMethods:
         plain = snapshot.check(partitions)
         if self._restores:
             raise CheckpointError("another checkpoint load into this system is in progress")
-        existing = self._state.list_partitions()
+        # partitions without a row (made by a consumer waiting for them) do not count:
+        # one the checkpoint brings is replaced, its waiters woken
+        existing = [p for p in self._state.list_partitions() if snapshot.has_rows(self._state, p)]
         if existing and not overwrite:
             raise SystemNotEmptyError(
                 f"cannot load a checkpoint into a system that holds partitions "
