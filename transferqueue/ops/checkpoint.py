@@ -159,7 +159,9 @@ async def save(
     with layout.locked():
         tmp, final = layout.new_snapshot()
         try:
-            stats = await asyncio.gather(*(u.call("stats") for u in client._units))
+            # bytes per row, to size the chunks (a dead unit's rows are lost: not read)
+            got = await asyncio.gather(*(u.call("stats") for u in client._units), return_exceptions=True)  # fmt: skip
+            stats = [s if isinstance(s, dict) else {"partitions": {}} for s in got]
             begun = await controller.call("checkpoint_begin", hold_s)
             hold = begun["hold"]
             try:
