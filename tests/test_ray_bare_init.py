@@ -67,11 +67,12 @@ def test_ray_tasks_and_actors_attach_with_a_bare_init(ray_cluster) -> None:
 
 def _bare_init_without_a_system(namespace: str) -> tuple[str, str]:
     from transferqueue.config import load_config
-    from transferqueue.system import _in_ray_worker, attach_from_ray_worker
+    from transferqueue.runtime.transports import worker_transport
+    from transferqueue.system import attach_from_worker
 
-    assert _in_ray_worker()
+    assert worker_transport() == "ray"
     try:
-        attach_from_ray_worker(load_config({"transport": "ray", "ray": {"namespace": namespace}}))
+        attach_from_worker(load_config({"transport": "ray", "ray": {"namespace": namespace}}))
     except Exception as exc:
         return type(exc).__name__, str(exc)
     return "no error", ""
@@ -89,9 +90,9 @@ def test_a_bare_init_in_a_ray_worker_without_a_system_says_what_to_do(ray_cluste
 
 
 def test_a_bare_init_in_the_driver_stays_in_process(ray_cluster) -> None:
-    from transferqueue.system import _in_ray_worker
+    from transferqueue.runtime.transports import worker_transport
 
-    assert not _in_ray_worker()  # Ray is initialised here, but this is the driver
+    assert worker_transport() is None  # Ray is initialised here, but this is the driver
     config = tq.init()
     try:
         assert config.transport == "inproc"

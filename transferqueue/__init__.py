@@ -19,6 +19,7 @@ from transferqueue.errors import (
     ActorClosedError,
     ActorDiedError,
     ActorError,
+    CheckpointError,
     ConfigError,
     NotInitializedError,
     PartitionNotFoundError,
@@ -31,6 +32,7 @@ from transferqueue.errors import (
     SamplerError,
     SchemaError,
     StorageFullError,
+    SystemNotEmptyError,
     TransferQueueError,
     TransportUnavailableError,
 )
@@ -47,6 +49,12 @@ from transferqueue.kv import (
     kv_put,
 )
 from transferqueue.metadata import BatchMeta, PartitionInfo
+from transferqueue.ops.checkpoint import (
+    async_load_checkpoint,
+    async_save_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from transferqueue.ops.status import status
 from transferqueue.streaming import StreamingDataLoader, StreamingDataset
 from transferqueue.system import close, init
@@ -60,6 +68,7 @@ __all__ = [
     "AsyncTransferQueueClient",
     "BaseSampler",
     "BatchMeta",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "GRPOGroupNSampler",
@@ -80,6 +89,7 @@ __all__ = [
     "StorageFullError",
     "StreamingDataLoader",
     "StreamingDataset",
+    "SystemNotEmptyError",
     "TokenBudgetSampler",
     "TransferQueueClient",
     "TransferQueueError",
@@ -89,6 +99,8 @@ __all__ = [
     "async_kv_clear",
     "async_kv_list",
     "async_kv_put",
+    "async_load_checkpoint",
+    "async_save_checkpoint",
     "close",
     "connect",
     "get_async_client",
@@ -99,6 +111,8 @@ __all__ = [
     "kv_clear",
     "kv_list",
     "kv_put",
+    "load_checkpoint",
     "load_config",
+    "save_checkpoint",
     "status",
 ]

@@ -105,3 +105,13 @@ class RowsLostError(TransferQueueError):
 class RowsBusyError(TransferQueueError):
     """The rows (or keys) a put names are being written by another put that has not
     committed yet; retry once it committed or its put lease ended."""
+
+
+class CheckpointError(TransferQueueError):
+    """A checkpoint cannot be saved or loaded: none at the path, a corrupt or unknown
+    manifest, a missing or truncated file, or a system that changed during a load."""
+
+
+class SystemNotEmptyError(CheckpointError):
+    """``load_checkpoint`` into a system that already holds partitions: pass
+    ``overwrite=True`` to clear them first."""

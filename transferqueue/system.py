@@ -18,7 +18,6 @@ import asyncio
 import atexit
 import dataclasses
 import os
-import sys
 import threading
 from typing import Any
 
@@ -30,7 +29,7 @@ from transferqueue.config import Config, apply_env, load_config
 from transferqueue.controller.actor import ControllerActor
 from transferqueue.errors import ConfigError, NotInitializedError
 from transferqueue.runtime.loop import runtime_loop
-from transferqueue.runtime.transports import transport_class
+from transferqueue.runtime.transports import transport_class, worker_transport
 from transferqueue.runtime.transports.base import ActorHandle
 from transferqueue.storage.unit import StorageUnit
 
@@ -135,15 +134,7 @@ def _find_named_system(config: Config) -> Config | None:
     )
 
 
-def _in_ray_worker() -> bool:
-    """Whether this process is a Ray worker (runs Ray tasks or an actor): it imported ray."""
-    if "ray" not in sys.modules:
-        return False
-    ray_transport: Any = transport_class("ray")
-    return bool(ray_transport.in_worker())
-
-
-def attach_from_ray_worker(config: Config) -> Config:
+def attach_from_worker(config: Config) -> Config:
     """A bare ``tq.init()`` in a Ray worker: the system that ``tq.init`` started on Ray in
     ``config.ray.namespace``; NotInitializedError when there is none."""
     found = _find_named_system(config)
@@ -187,8 +178,9 @@ def init(config: Config | Any = None) -> Config:
         if _default is not None:  # inherited through a fork: the parent's, not ours
             _inherited.append(_default)
             _default = None
-        if config is None and _in_ray_worker():
-            cfg = attach_from_ray_worker(apply_env(load_config({"transport": "ray"})))
+        worker_of = worker_transport() if config is None else None
+        if worker_of is not None:
+            cfg = attach_from_worker(apply_env(load_config({"transport": worker_of})))
         else:
             cfg = apply_env(load_config(config))
         if cfg.system is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -554,6 +555,35 @@ class AsyncTransferQueueClient:
     async_get_partition_list = get_partition_list
     async_set_custom_meta = set_custom_meta
     async_kv_list = kv_list
+
+    # ----------------------------------------------------------------- checkpoints
+    #: a testing seam: awaited by :meth:`save_checkpoint` with "chunk", "files" and
+    #: "renamed" (see :mod:`transferqueue.ops.checkpoint`; fault tests stop a process there)
+    checkpoint_hook: Callable[[str], Awaitable[None]] | None = None
+
+    async def save_checkpoint(
+        self, path: str | os.PathLike[str], metadata: Any = None, *, progress: bool | None = None
+    ) -> dict[str, Any]:
+        """Save everything the system holds -- partitions, rows, fields, tags, keys,
+        production and consumption state, the bytes -- to the directory ``path``,
+        atomically (the previous checkpoint there stays loadable until the new one is
+        complete) and consistently (a put committed during the save is all in or all out).
+        ``metadata``: JSON-serializable, returned by :meth:`load_checkpoint`. ``progress``:
+        a progress bar (default: when stderr is a terminal). Returns a summary."""
+        from transferqueue.ops import checkpoint
+
+        hook = self.checkpoint_hook
+        return await checkpoint.save(self, path, metadata, progress=progress, hook=hook)
+
+    async def load_checkpoint(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, progress: bool | None = None
+    ) -> Any:
+        """Load the checkpoint at ``path`` (any number of storage units); returns its
+        metadata. A system that holds partitions is refused (``SystemNotEmptyError``)
+        unless ``overwrite=True``, which clears them first."""
+        from transferqueue.ops import checkpoint
+
+        return await checkpoint.load(self, path, overwrite=overwrite, progress=progress)
 
     # ------------------------------------------------------------------- streaming
     def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[TensorDict, BatchMeta]]:

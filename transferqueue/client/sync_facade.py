@@ -144,4 +144,6 @@ class TransferQueueClient:
     kv_get = _sync(AsyncTransferQueueClient.kv_get)
     kv_list = _sync(AsyncTransferQueueClient.kv_list)
     kv_clear = _sync(AsyncTransferQueueClient.kv_clear)
+    save_checkpoint = _sync(AsyncTransferQueueClient.save_checkpoint)
+    load_checkpoint = _sync(AsyncTransferQueueClient.load_checkpoint)
     close = _sync(AsyncTransferQueueClient.close)

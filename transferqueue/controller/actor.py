@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from transferqueue.controller.checkpoints import CheckpointMethods
 from transferqueue.controller.leases import Release
 from transferqueue.controller.state import ControllerState
 from transferqueue.errors import ActorDiedError, PartitionNotFoundError
@@ -54,8 +55,9 @@ class _Waiters:
         await asyncio.wait_for(self._event.wait(), timeout)
 
 
-class ControllerActor:
-    """Remote methods of the control plane (see :class:`AsyncTransferQueueClient`)."""
+class ControllerActor(CheckpointMethods):
+    """Remote methods of the control plane (see :class:`AsyncTransferQueueClient`);
+    checkpoints: :class:`CheckpointMethods`."""
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class ControllerActor:
         self._space = _Waiters()  # woken when bytes are freed
         self._clearing: dict[str, asyncio.Event] = {}  # partitions whose bytes are going
         self._reserving: dict[str, int] = {}  # reserve calls waiting for room, per partition
+        self._init_checkpoints()
 
     def _changed(self, pid: str) -> None:
         waiters = self._waiters.get(pid)
@@ -103,6 +106,8 @@ class ControllerActor:
     async def on_stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        for timer in self._ckpt_timers.values():
+            timer.cancel()
         for task in list(self._tasks):
             task.cancel()
 
@@ -194,6 +199,13 @@ class ControllerActor:
         self._changed(pid)
         self._waiters.pop(pid, None)
         done = self._clearing.setdefault(pid, asyncio.Event())
+        if self._hold:  # a save reads these bytes: they go once it has (puts wait till then)
+            self._own(self._clear_units(pid, done), f"clearing partition {pid!r} after a save")
+            return
+        await self._clear_units(pid, done)
+
+    async def _clear_units(self, pid: str, done: asyncio.Event) -> None:
+        await self._after_hold()
         try:
             calls = {u: ("clear_partition", pid) for u in self._alive_units()}
             await self._on_units(calls)
@@ -206,6 +218,13 @@ class ControllerActor:
         generation = self._state.generation(pid)
         groups = self._state.drop_rows(pid, rows)
         self._changed(pid)
+        if self._hold:  # a save reads these bytes: freed (and the rows reused) once it has
+            self._own(self._free_rows(pid, generation, groups), "freeing rows after a save")
+        else:
+            await self._free_rows(pid, generation, groups)
+
+    async def _free_rows(self, pid: str, generation: int, groups: dict[int, list[int]]) -> None:
+        await self._after_hold()
         await self._on_units({u: ("clear_rows", pid, r) for u, r in groups.items()})
         self._state.recycle(pid, generation, [r for rs in groups.values() for r in rs])
 
@@ -266,6 +285,7 @@ class ControllerActor:
         ``keys`` (rows of those keys, new ones allocated) or ``n`` new rows. Returns the
         lease id, the rows and their units, the rows allocated here (``fresh``) and the
         lease's seconds (``ttl``): the writes must land and the commit arrive within them."""
+        await self._checkpoint_gate(pid, specs, rows, keys)
         clearing = self._clearing.get(pid)
         if clearing is not None:
             await clearing.wait()
@@ -317,7 +337,11 @@ class ControllerActor:
         """Clear the bytes of released rows from their units, then give the rows back."""
         groups = rel.by_unit()
         calls = {u: ("clear_rows", rel.pid, rows) for u, rows in groups.items()}
-        await self._on_units(calls, committed=False)
+        forget = self._track_release(rel)  # a snapshot meanwhile sees its slots as pending
+        try:
+            await self._on_units(calls, committed=False)
+        finally:
+            forget()
         released = self._state.finish_release(rel)
         self._changed(rel.pid)
         return released

@@ -7,6 +7,7 @@ imports ray; both are imported lazily.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 from transferqueue.errors import ConfigError, TransportUnavailableError
@@ -20,6 +21,18 @@ _MODULES = {
     "zmq": ("transferqueue.runtime.transports.zmq", "ZmqTransport"),
     "ray": ("transferqueue.runtime.transports.ray", "RayTransport"),
 }
+
+
+#: the library a transport's worker processes have imported (a worker of none imports it)
+_WORKER_LIBRARIES = {"ray": "ray"}
+
+
+def worker_transport() -> str | None:
+    """The transport this process is a worker of (a Ray task or actor), if any."""
+    for name, library in _WORKER_LIBRARIES.items():
+        if library in sys.modules and transport_class(name).in_worker():
+            return name
+    return None
 
 
 def transport_class(name: str) -> type[Transport]:

@@ -168,6 +168,11 @@ class Transport(abc.ABC):
         self.config = config
 
     @staticmethod
+    def in_worker() -> bool:
+        """Whether this process is a worker this transport started (a Ray task or actor)."""
+        return False
+
+    @staticmethod
     def find_named(name: str, config: Config) -> Address | None:
         """The address of the actor spawned as ``name``, if this transport names actors and
         one is running; ``None`` otherwise."""
