@@ -105,3 +105,10 @@ class RowsLostError(TransferQueueError):
 class RowsBusyError(TransferQueueError):
     """The rows (or keys) a put names are being written by another put that has not
     committed yet; retry once it committed or its put lease ended."""
+
+
+class AuthenticationError(ActorError):
+    """A zmq server refused this process: its CURVE key is not among the server's allowed
+    clients, it has no key where the server requires one (or one where the server has
+    none), or it holds the wrong server public key (``zmq.curve``). Raised within
+    milliseconds of the refused handshake; the server serves its other clients on."""
