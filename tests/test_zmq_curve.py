@@ -276,3 +276,35 @@ def test_keygen_writes_a_pair_and_never_overwrites(tmp_path: Path, capsys) -> No
     assert main(["keygen", str(tmp_path / "k"), "--name", "alice"]) == 2
     assert "exists already" in capsys.readouterr().err
     assert zmq.auth.load_certificate(secret) == (pub2, sec)  # untouched
+
+
+def test_serve_takes_the_same_options_as_flags(tmp_path: Path) -> None:
+    from transferqueue.__main__ import _parser
+    from transferqueue.serve import _config
+
+    key = "k" * 40
+    file = tmp_path / "s.yaml"
+    file.write_text(f"zmq:\n  curve:\n    allowed_clients: ['{'a' * 40}']\n")
+    argv = ["serve", "--config", str(file), "--host", "0.0.0.0", "--advertise-host", "10.0.0.5"]
+    argv += ["--server-key", "s.key_secret", "--allowed-clients", "clients"]
+    argv += ["--allow-client", key, "--insecure"]
+    zmq_section = load_config(_config(_parser().parse_args(argv))).zmq
+    assert (zmq_section.host, zmq_section.advertise_host) == ("0.0.0.0", "10.0.0.5")
+    assert zmq_section.insecure
+    assert zmq_section.curve.server_key_file == "s.key_secret"
+    assert zmq_section.curve.allowed_clients_dir == "clients"
+    assert zmq_section.curve.allowed_clients == ("a" * 40, key)  # the file's, then the flag's
+    plain = _config(_parser().parse_args(["serve"]))
+    assert "curve" not in plain["zmq"] and not load_config(plain).zmq.curve.enabled
+
+
+def test_the_readme_across_hosts_example_is_a_valid_config(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Across hosts (zmq)", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    (tmp_path / "client.yaml").write_text(block)
+    config = load_config(tmp_path / "client.yaml")
+    assert config.zmq.curve.enabled and config.system == {"controller": "tcp://10.0.0.5:41234"}
+    assert "serve --host 0.0.0.0" in section and "--server-key" in section

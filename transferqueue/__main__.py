@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    bench.add_argument(
+        "--transport", choices=["inproc", "zmq", "ray"], help="only this transport (data)"
+    )
+    bench.add_argument(
+        "--curve", action="store_true", help="the cost of CURVE on zmq (data --transport zmq)"
+    )
 
     serve = sub.add_parser("serve", help="run controller + storage units as a zmq service")
     serve.add_argument(
@@ -71,7 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from transferqueue.bench import run_benchmarks
 
-        return run_benchmarks(args.names, json_path=args.json, quick=args.quick)
+        return run_benchmarks(
+            args.names,
+            json_path=args.json,
+            quick=args.quick,
+            transport=args.transport,
+            curve=args.curve,
+        )
     if args.command == "status":
         from transferqueue.status import run as run_status
 

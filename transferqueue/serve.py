@@ -38,13 +38,16 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         zmq_cfg["advertise_host"] = args.advertise_host
     if args.insecure:
         zmq_cfg["insecure"] = True
-    curve = zmq_cfg.setdefault("curve", {})
+    curve: dict[str, Any] = {}
     if args.server_key is not None:
         curve["server_key_file"] = args.server_key
     if args.allowed_clients is not None:
         curve["allowed_clients_dir"] = args.allowed_clients
     if args.allow_client:
-        curve["allowed_clients"] = [*curve.get("allowed_clients", ()), *args.allow_client]
+        allowed = zmq_cfg.get("curve", {}).get("allowed_clients", ())
+        curve["allowed_clients"] = [*allowed, *args.allow_client]
+    if curve:
+        zmq_cfg["curve"] = {**zmq_cfg.get("curve", {}), **curve}
     return config
 
 
