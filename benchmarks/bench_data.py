@@ -29,7 +29,15 @@ faults: what any write into new buffers pays); the storage unit's ``Store`` alon
 ``copy_`` rate into pre-touched memory: the bound on an inproc round trip, which copies the
 batch twice (into the store on put, out of it on get).
 
-Also runnable alone: ``python benchmarks/bench_data.py [--quick]``.
+``--curve`` (``python -m transferqueue bench data --transport zmq --curve``) measures the
+cost of CURVE instead: two zmq systems (controller + 2 units each) started in the same
+run, one plain and one with CURVE keys (``zmq.curve``), each with its consumer process;
+the dense 128 MiB put and get as above (5 repeats, 3 with ``--quick``; the systems take
+turns, one repeat each) and the empty call (``await ref.call("noop")`` to an echo actor of
+each kind, p50 and p99, in alternating blocks of 100). Ratios: CURVE / plain (a rate
+below 1 and a time above 1 is CURVE's cost).
+
+Also runnable alone: ``python benchmarks/bench_data.py [--quick] [--curve]``.
 """
 
 from __future__ import annotations
@@ -238,14 +246,154 @@ def run_inproc(work: list[tuple[Any, ...]]) -> dict[str, dict[str, float]]:
 
 
 # ----------------------------------------------------------------- the table
-def run(quick: bool = False) -> dict[str, Any]:
+# ----------------------------------------------------------------- the cost of CURVE
+def _start_consumer(config: Any) -> tuple[Any, Any]:
+    from _actors import data_consumer
+
+    conn, child_conn = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(
+        target=data_consumer, args=(child_conn, config), daemon=True
+    )
+    proc.start()
+    if not conn.poll(180) or conn.recv() != "ready":
+        raise RuntimeError("the consumer process did not attach")
+    return proc, conn
+
+
+def _stop_consumer(proc: Any, conn: Any) -> None:
+    if proc.is_alive():
+        conn.send(("stop",))
+        proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _empty_call_times(ref: Any, n: int) -> list[float]:
+    from transferqueue.runtime.loop import runtime_loop
+
+    async def calls() -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await ref.call("noop")
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return runtime_loop().run(calls())
+
+
+def run_curve(quick: bool) -> dict[str, Any]:
+    """put / get of dense 128 MiB and the empty call, without and with CURVE."""
+    import tempfile
+
+    from _actors import Echo
+    from _common import pct
+
+    from transferqueue.config import load_config
+    from transferqueue.runtime.loop import runtime_loop
+    from transferqueue.runtime.transports.zmq import ZmqTransport
+    from transferqueue.runtime.transports.zmq_auth import write_key_pair
+    from transferqueue.system import start_system
+
+    reps = 3 if quick else 5
+    n_calls = 1000 if quick else 3000
+    _, batch, nbytes, rows, _ = next(w for w in workloads(True) if w[0] == "dense 128 MiB")
+    fields = _fields(batch)
+    modes = ("plain", "curve")
+    out: dict[str, Any] = {m: {} for m in modes}
+    with tempfile.TemporaryDirectory() as keys:
+        _, secret = write_key_pair(keys, "server")
+        configs = {
+            "plain": load_config({"transport": "zmq"}),
+            "curve": load_config(
+                {"transport": "zmq", "zmq": {"curve": {"server_key_file": str(secret)}}}
+            ),
+        }
+        loop = runtime_loop()
+        systems: dict[str, Any] = {}
+        consumers: dict[str, Any] = {}
+        echoes: dict[str, Any] = {}
+        try:
+            for m in modes:
+                systems[m] = loop.run(start_system(configs[m]))
+                consumers[m] = _start_consumer(systems[m].config)
+                echoes[m] = loop.run(ZmqTransport(configs[m]).spawn(Echo))
+            puts: dict[str, list[float]] = {m: [] for m in modes}
+            gets: dict[str, list[float]] = {m: [] for m in modes}
+            for i in range(reps + 1):  # turns: machine noise hits both alike; 0 = warm-up
+                for m in modes:
+                    client, (_, conn) = systems[m].client, consumers[m]
+                    pid = f"curve-{m}-{i}"
+                    t0 = time.perf_counter()
+                    client.put(batch, partition_id=pid)
+                    t_put = time.perf_counter() - t0
+                    conn.send(("get", pid, fields, rows))
+                    t_meta, t_data, got = conn.recv()
+                    if got != rows:
+                        raise RuntimeError(f"{m}: the consumer got {got} rows, expected {rows}")
+                    client.clear_partition(pid)
+                    if i:
+                        puts[m].append(t_put)
+                        gets[m].append(t_meta + t_data)
+            empty: dict[str, list[float]] = {m: [] for m in modes}
+            for m in modes:
+                _empty_call_times(echoes[m].ref, 200)  # warm-up
+            for _ in range(n_calls // 100):
+                for m in modes:
+                    empty[m] += _empty_call_times(echoes[m].ref, 100)
+            for m in modes:
+                out[m] = {
+                    "put_GBps": rate(nbytes, p50(puts[m])),
+                    "get_GBps": rate(nbytes, p50(gets[m])),
+                    "empty_call_p50_ms": p50(empty[m]) * 1e3,
+                    "empty_call_p99_ms": pct(empty[m], 99) * 1e3,
+                }
+        finally:
+            for m in modes:
+                if m in echoes:
+                    loop.run(echoes[m].stop())
+                if m in consumers:
+                    _stop_consumer(*consumers[m])
+                if m in systems:
+                    loop.run(systems[m].aclose())
+    if all(out[m] for m in modes):
+        lines: list[list[str] | str] = []
+        for key, label, unit in (
+            ("put_GBps", "dense 128 MiB put", "GB/s"),
+            ("get_GBps", "dense 128 MiB get (another process)", "GB/s"),
+            ("empty_call_p50_ms", "empty call p50 (on the loop)", "ms"),
+            ("empty_call_p99_ms", "empty call p99 (on the loop)", "ms"),
+        ):
+            plain, cost = out["plain"][key], out["curve"][key]
+            lines.append([label, fmt(cost, unit), fmt(plain, unit), f"{cost / plain:.2f}x"])
+            out.setdefault("ratio", {})[key] = cost / plain
+        print_grid(
+            "zmq with CURVE (zmq.curve) vs without, same run: medians; ratio = CURVE / plain",
+            ["figure", "CURVE", "plain (same run)", "ratio"],
+            lines,
+            right={1, 2, 3},
+        )
+    return out
+
+
+def run(quick: bool = False, transport: str | None = None, curve: bool = False) -> dict[str, Any]:
+    """The data-plane table; ``transport`` limits it to one transport (machine limits are
+    measured with inproc); ``curve`` measures the cost of CURVE on zmq instead."""
+    if curve:
+        if transport not in (None, "zmq"):
+            raise SystemExit("bench data --curve measures the zmq transport: --transport zmq")
+        return {"curve": run_curve(quick)}
     work = workloads(quick)
     figures: dict[str, Any] = {"zmq": {}, "inproc": {}, "ray": {}, "limits": {}}
     lines: list[list[str] | str] = []
+    wanted = (transport,) if transport else ("zmq", "inproc", "ray")
     try:
-        figures["zmq"] = run_remote("zmq", work)
-        figures["inproc"] = run_inproc(work)
-        if not quick:  # ray: the 128 MiB workloads only (its start-up costs ~30 s here)
+        if "zmq" in wanted:
+            figures["zmq"] = run_remote("zmq", work)
+        if "inproc" in wanted:
+            figures["inproc"] = run_inproc(work)
+        if not quick and "ray" in wanted:  # the 128 MiB workloads only (start-up: ~30 s)
             try:
                 import ray  # noqa: F401
             except ImportError:
@@ -336,4 +484,4 @@ def _target(name: str, transport: str, f: dict[str, float]) -> tuple[str, bool |
 
 
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    run(quick="--quick" in sys.argv, curve="--curve" in sys.argv)

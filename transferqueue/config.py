@@ -37,10 +37,94 @@ class RuntimeConfig:
     connect_timeout: float = 10.0
 
 
+#: the length of a CURVE key in Z85 text (32 bytes)
+Z85_KEY_LENGTH = 40
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE authentication and encryption of the zmq transport (docs/architecture.md,
+    "Across hosts"). Keys are files written by ``python -m transferqueue keygen`` (the
+    ``zmq.auth`` certificate format: ``NAME.key`` holds the public key, ``NAME.key_secret``
+    both) or Z85 text values (40 characters); a file and a value for the same key are an
+    error. CURVE is on when a server key is given. Every actor process of a system serves
+    with the one server key pair, and the system's own processes connect with it too."""
+
+    #: the server's key: its ``.key_secret`` file where the system is started (``tq.init``,
+    #: ``serve``), or its public ``.key`` file in a client that attaches
+    server_key_file: str | None = None
+    #: the server's public key (Z85), instead of ``server_key_file``
+    server_public: str | None = None
+    #: the server's secret key (Z85), where the system is started
+    server_secret: str | None = None
+    #: this process's client key pair (a ``.key_secret`` file); default: the server's pair
+    #: when this process holds it
+    client_key_file: str | None = None
+    #: this process's client key pair as Z85 values, instead of ``client_key_file``
+    client_public: str | None = None
+    client_secret: str | None = None
+    #: public keys (Z85) of the clients the server admits, besides holders of its own pair
+    allowed_clients: tuple[str, ...] = ()
+    #: a folder of ``.key`` files of admitted clients, read when each actor process starts
+    allowed_clients_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        allowed = self.allowed_clients
+        if isinstance(allowed, str) or not all(isinstance(k, str) for k in allowed):
+            raise ConfigError(
+                f"zmq.curve.allowed_clients must be a list of Z85 public keys; got {allowed!r:.200}"
+            )
+        object.__setattr__(self, "allowed_clients", tuple(allowed))
+        for name in ("server_public", "server_secret", "client_public", "client_secret"):
+            _check_z85(f"zmq.curve.{name}", getattr(self, name))
+        for key in allowed:
+            _check_z85("zmq.curve.allowed_clients", key)
+        for name in ("server_key_file", "client_key_file", "allowed_clients_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"zmq.curve.{name} must be a path; got {value!r:.100}")
+        if self.server_key_file and (self.server_public or self.server_secret):
+            raise ConfigError(
+                "zmq.curve: give the server key as server_key_file or as server_public / "
+                "server_secret values, not both"
+            )
+        if self.client_key_file and (self.client_public or self.client_secret):
+            raise ConfigError(
+                "zmq.curve: give the client key pair as client_key_file or as client_public / "
+                "client_secret values, not both"
+            )
+        if bool(self.client_public) != bool(self.client_secret):
+            raise ConfigError("zmq.curve: client_public and client_secret go together")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether CURVE is configured (a server key is named)."""
+        return bool(self.server_key_file or self.server_public or self.server_secret)
+
+
+def _check_z85(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or len(value) != Z85_KEY_LENGTH):
+        raise ConfigError(
+            f"{name} must be a CURVE key in Z85 text ({Z85_KEY_LENGTH} characters, as "
+            "`python -m transferqueue keygen` writes); got "
+            + (f"{len(value)} characters" if isinstance(value, str) else repr(value)[:100])
+        )
+
+
 @dataclass(frozen=True)
 class ZmqConfig:
-    #: interface servers bind to; loopback unless you configure otherwise
+    #: interface servers bind to; loopback unless you configure otherwise. Beyond loopback
+    #: a server requires CURVE keys (``curve``) unless ``insecure`` is set. ``0.0.0.0``
+    #: binds every interface and advertises ``advertise_host``
     host: str = "127.0.0.1"
+    #: the host put in the addresses servers hand out (clients connect there); default:
+    #: ``host``, and for ``host: 0.0.0.0`` the address of the interface of the default
+    #: route (no default route: an error asks for this setting)
+    advertise_host: str | None = None
+    #: serve beyond loopback without CURVE: anyone who reaches the port may call every
+    #: method (clear partitions, read data). A warning is logged
+    insecure: bool = False
+    curve: CurveConfig = field(default_factory=CurveConfig)
     #: "tcp" or "ipc"
     protocol: str = "tcp"
     #: folder for ipc:// sockets (default: the system temp folder)
@@ -149,6 +233,16 @@ class Config:
             raise ConfigError(f"controller.put_lease_s must be a number > 0; got {lease!r}")
         if self.zmq.protocol not in ("tcp", "ipc"):
             raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
+        if not isinstance(self.zmq.insecure, bool):
+            raise ConfigError(f"zmq.insecure must be true or false; got {self.zmq.insecure!r}")
+        advertise = self.zmq.advertise_host
+        if advertise is not None and (
+            not isinstance(advertise, str) or not advertise or advertise in ("0.0.0.0", "*")
+        ):
+            raise ConfigError(
+                "zmq.advertise_host must be an address other hosts can connect to; "
+                f"got {advertise!r}"
+            )
 
 
 def _ours(data: Any) -> Mapping[str, Any]:

@@ -115,3 +115,10 @@ class CheckpointError(TransferQueueError):
 class SystemNotEmptyError(CheckpointError):
     """``load_checkpoint`` into a system that already holds partitions: pass
     ``overwrite=True`` to clear them first."""
+
+
+class AuthenticationError(ActorError):
+    """A zmq server refused this process: its CURVE key is not among the server's allowed
+    clients, it has no key where the server requires one (or one where the server has
+    none), or it holds the wrong server public key (``zmq.curve``). Raised within
+    milliseconds of the refused handshake; the server serves its other clients on."""

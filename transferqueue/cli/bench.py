@@ -8,6 +8,7 @@ its own table and returns its figures; ``--json FILE`` writes them all.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -37,7 +38,11 @@ def available() -> dict[str, Path]:
     return {p.stem[len("bench_") :]: p for p in sorted(_folder().glob("bench_*.py"))}
 
 
-def run_benchmarks(names: list[str], json_path: str | None = None, quick: bool = False) -> int:
+def run_benchmarks(
+    names: list[str], json_path: str | None = None, quick: bool = False, **options: Any
+) -> int:
+    """Run the benchmarks ``names`` (all by default). ``options`` set (not None or False),
+    such as ``transport`` or ``curve``, go to the modules whose ``run`` takes them."""
     found = available()
     unknown = [n for n in names if n not in found]
     if unknown:
@@ -46,7 +51,10 @@ def run_benchmarks(names: list[str], json_path: str | None = None, quick: bool =
     results: dict[str, Any] = {}
     for name in names or list(found):
         print(f"\n=== {name} ===", flush=True)
-        results[name] = _load(found[name]).run(quick=quick)
+        run = _load(found[name]).run
+        takes = inspect.signature(run).parameters
+        given = {k: v for k, v in options.items() if v not in (None, False) and k in takes}
+        results[name] = run(quick=quick, **given)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2, default=str))
         print(f"\nresults written to {json_path}")

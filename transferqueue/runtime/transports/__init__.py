@@ -1,7 +1,7 @@
 """Transports: where actors live and how requests reach them.
 
-Only ``zmq.py`` (and ``zmq_actor.py``, its actor process) imports zmq and only ``ray.py``
-imports ray; both are imported lazily.
+Only ``zmq.py`` (with ``zmq_actor.py``, its actor process, and ``zmq_auth.py``, its CURVE
+keys) imports zmq and only ``ray.py`` imports ray; both are imported lazily.
 """
 
 from __future__ import annotations

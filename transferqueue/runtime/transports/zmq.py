@@ -13,6 +13,9 @@
 * A socket monitor notices a peer that went away: calls in flight then fail with
   :class:`~transferqueue.errors.ActorDiedError` at once, not after their timeout.
 * Servers bind to loopback unless ``zmq.host`` says otherwise; ports come from the OS.
+  Beyond loopback they require CURVE keys (:mod:`transferqueue.runtime.transports.zmq_auth`); a
+  handshake the peer refuses fails the channel's calls with
+  :class:`~transferqueue.errors.AuthenticationError` at once.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from transferqueue.config import Config
-from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError
+from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError, AuthenticationError
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
+from transferqueue.runtime.transports import zmq_auth
 from transferqueue.runtime.transports._protocol import CANCEL, Calls
 from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
@@ -50,6 +54,21 @@ _POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
 _IO_THREADS = 2
+_NO_DETAIL_WITH_KEYS = (
+    "the server ended the handshake: is zmq.curve.server_key_file / server_public the "
+    "server's public key?"
+)
+_NO_DETAIL_WITHOUT_KEYS = (
+    "the server ended the handshake: it may require CURVE keys (zmq.curve: the server's "
+    "public key and a client key pair it allows)"
+)
+_HANDSHAKE_FAILED = {
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): _NO_DETAIL_WITH_KEYS,
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "the handshake failed: one side uses CURVE and the "
+    "other not (zmq.curve: the server's public key and a client key pair it allows)",
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "the server refused this client's CURVE key (its "
+    "public key is not among the server's allowed clients)",
+}
 _T = TypeVar("_T")
 
 
@@ -171,12 +190,21 @@ class ZmqChannel(Channel):
         self._endpoint = address.endpoint
         self._connect_timeout = config.runtime.connect_timeout
         self._loop = asyncio.get_running_loop()
+        self._keys = zmq_auth.client_keys(config.zmq)  # ConfigError: CURVE without a client pair
         sock = _context().socket(zmq.DEALER)
         for opt, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100), (zmq.HEARTBEAT_IVL, 1000)):
             sock.setsockopt(opt, value)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if self._keys is not None:
+            zmq_auth.secure_client(sock, self._keys)
         monitor = sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         )
         sock.connect(self._endpoint)
         self._calls = Calls(self._endpoint)
@@ -185,6 +213,9 @@ class ZmqChannel(Channel):
         #: the peer went away and did not come back within the grace (or refused to): calls
         #: fail at once
         self._gone = False
+        #: why the peer refused our handshake (None: it did not); calls then fail at once
+        self._refused: str | None = None
+        self._handshaken = False  # a handshake ever succeeded
         self._news = asyncio.Event()  # set (and replaced) on every connection event
         self._monitor = Pump(monitor, self._on_event)  # a PAIR: receives copies
         self._pump = Pump(sock, self._on_reply)
@@ -195,13 +226,19 @@ class ZmqChannel(Channel):
 
     def _on_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)["event"]
-        if event == zmq.EVENT_CONNECTED:
+        if event in _HANDSHAKE_FAILED:
+            self._on_handshake_failed(event)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshaken = True
+            self._refused = None
+        elif event == zmq.EVENT_CONNECTED:
             self._ever_connected = True
             self._gone = False
             self._connected.set()
         elif event == zmq.EVENT_DISCONNECTED:
             self._connected.clear()
-            self._calls.fail_all(ActorDiedError(f"the actor at {self._endpoint} went away"))
+            if self._refused is None:
+                self._calls.fail_all(ActorDiedError(f"the actor at {self._endpoint} went away"))
         elif event == zmq.EVENT_CONNECT_RETRIED and self._ever_connected:
             # a reconnect was refused: nothing listens there any more (actors never come back
             # on the same endpoint), so there is no point waiting out the grace
@@ -209,10 +246,26 @@ class ZmqChannel(Channel):
         self._news.set()
         self._news = asyncio.Event()
 
+    def _on_handshake_failed(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            if self._handshaken:
+                return  # a connection lost during a handshake, not a refusal: a disconnect follows
+            # the server hung up in the first handshake: a server key that does not match,
+            # or (without keys) a server that requires them; retried: a success clears it
+            self._refused = _NO_DETAIL_WITH_KEYS if self._keys else _NO_DETAIL_WITHOUT_KEYS
+        else:  # refused: libzmq does not retry after AUTH or PROTOCOL failures
+            self._refused = _HANDSHAKE_FAILED[event]
+        self._calls.fail_all(self._refusal())
+
+    def _refusal(self) -> AuthenticationError:
+        return AuthenticationError(f"the actor at {self._endpoint} refused us: {self._refused}")
+
     async def _await_connected(self) -> None:
         wait = _DEATH_GRACE_S if self._ever_connected else self._connect_timeout
         give_up = self._loop.time() + wait
         while not self._connected.is_set():
+            if self._refused is not None:
+                raise self._refusal()
             left = give_up - self._loop.time()
             if self._gone or left <= 0:
                 self._gone = self._ever_connected
@@ -226,11 +279,15 @@ class ZmqChannel(Channel):
     ) -> Any:
         if self._closed:
             raise ActorClosedError(f"the channel to {self._endpoint} is closed")
+        if self._refused is not None:
+            raise self._refusal()
         envelope, frames = self._calls.request(method, args, kwargs, deadline, token=-1)
         if not self._connected.is_set():
             await self._await_connected()
             if self._closed:
                 raise ActorClosedError(f"the channel to {self._endpoint} is closed")
+            if self._refused is not None:  # refused in the same batch of events
+                raise self._refusal()
         fut = self._calls.expect(envelope.id)
         timer = None
         if deadline is not None:
@@ -372,6 +429,7 @@ class ZmqTransport(Transport):
     name = "zmq"
     imports_actor_classes = True
     replies_owned = True
+    _plan: zmq_auth.ServerPlan | None = None
 
     async def spawn(
         self,
@@ -381,11 +439,14 @@ class ZmqTransport(Transport):
         *,
         name: str | None = None,
     ) -> ActorHandle:
+        if self._plan is None:  # the bind rule, checked before any process starts
+            self._plan = zmq_auth.server_plan(self.config.zmq)
         spec = {
             "target": target,
             "args": tuple(args),
             "kwargs": dict(kwargs or {}),
             "config": self.config,
+            "plan": self._plan,
         }
         proc = _start_process(spec)
         try:

@@ -4,7 +4,10 @@ Started by :class:`~transferqueue.runtime.transports.zmq.ZmqTransport` as a fres
 reads its start arguments (the owner's ``sys.path``, then target class, args, config) pickled
 from its stdin -- process start arguments on a pipe, never the wire -- builds the actor,
 binds a ROUTER socket, prints ``TQ-ADDRESS <endpoint>`` and serves requests concurrently
-until its stdin closes (the owner closing it, or dying).
+until its stdin closes (the owner closing it, or dying). With CURVE keys in its start
+arguments (the owner's checked :class:`~transferqueue.runtime.transports.zmq_auth.ServerPlan`) the
+ROUTER is a CURVE server admitting the allowed client keys only, and the process's own
+connections use the server's pair; a wildcard bind is advertised under the plan's host.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import zmq
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
+from transferqueue.runtime.transports import zmq_auth
 from transferqueue.runtime.transports._protocol import Dispatcher
 from transferqueue.runtime.transports.zmq import Pump
 
@@ -82,14 +86,18 @@ def _watch_owner(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 async def _host(spec: dict[str, Any]) -> None:
     config: Config = spec["config"]
+    plan: zmq_auth.ServerPlan = spec["plan"]
+    zmq_auth.set_process_keys(plan.keys)  # before the actor exists: it may connect at once
     actor = spec["target"](*spec["args"], **spec["kwargs"])
     dispatcher = Dispatcher(actor)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    auth = zmq_auth.secure_server(ctx, sock, plan.keys) if plan.keys is not None else None
     sock.bind(_bind_endpoint(config))
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    endpoint = zmq_auth.advertise(bound, plan.advertise)
     await dispatcher.start()
     stop = asyncio.Event()
     threading.Thread(
@@ -102,6 +110,8 @@ async def _host(spec: dict[str, Any]) -> None:
     await stop.wait()
     server.close()
     await dispatcher.stop()
+    if auth is not None:
+        auth.stop()
     ctx.term()
     if endpoint.startswith("ipc://"):
         with contextlib.suppress(OSError):
