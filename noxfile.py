@@ -13,7 +13,7 @@ import sys
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_multinode"]
 
 #: the interpreter running nox: the environment README's pip command installed into
 PYTHON = sys.executable
@@ -39,6 +39,14 @@ def tests(session: nox.Session, transport: str) -> None:
     if transport != "inproc":
         args += ["-m", "transport"]
     session.run(PYTHON, *args)
+
+
+@nox.session(python=False)
+def tests_multinode(session: nox.Session) -> None:
+    """The ray transport on a 3-node local Ray cluster (tests/test_ray_multinode.py starts it;
+    it cannot share a process with the single-node cluster of the other ray tests)."""
+    check_environment(session)
+    session.run(PYTHON, "-m", "pytest", "-m", "multinode", *session.posargs)
 
 
 @nox.session(python=False)

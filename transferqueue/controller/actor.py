@@ -89,6 +89,7 @@ class ControllerActor:
         self._space = _Waiters()  # woken when bytes are freed
         self._clearing: dict[str, asyncio.Event] = {}  # partitions whose bytes are going
         self._reserving: dict[str, int] = {}  # reserve calls waiting for room, per partition
+        self._crossed: dict[str, int] = {}  # bytes committed puts sent across nodes
 
     def _changed(self, pid: str) -> None:
         waiters = self._waiters.get(pid)
@@ -110,6 +111,7 @@ class ControllerActor:
     async def set_system(self, info: Mapping[str, Any]) -> None:
         self._system = dict(info)
         self._units = [ActorRef(Address.from_plain(u)) for u in info.get("units", [])]
+        self._state.placement.set_nodes(info.get("unit_nodes"))
         for i, ref in enumerate(self._units):
             self._own(self._watch(i, ref), f"watching storage unit {i}")
 
@@ -193,6 +195,7 @@ class ControllerActor:
         self._state.clear_partition(pid)
         self._changed(pid)
         self._waiters.pop(pid, None)
+        self._crossed.pop(pid, None)
         done = self._clearing.setdefault(pid, asyncio.Event())
         try:
             calls = {u: ("clear_partition", pid) for u in self._alive_units()}
@@ -247,7 +250,10 @@ class ControllerActor:
             if qpid == pid:
                 waiting[task] = waiting.get(task, 0) + len(queue)
         return dataclasses.replace(
-            self._state.partition_info(pid), waiting=waiting, reserving=self._reserving.get(pid, 0)
+            self._state.partition_info(pid),
+            waiting=waiting,
+            reserving=self._reserving.get(pid, 0),
+            cross_node_bytes=self._crossed.get(pid, 0),
         )
 
     # ------------------------------------------------------------------ writes
@@ -261,6 +267,7 @@ class ControllerActor:
         tags: Sequence[Mapping[str, Any] | None] | None = None,
         nbytes: int = 0,
         client: str = "",
+        node: str | None = None,
     ) -> dict[str, Any]:
         """Validate a put and give it rows under a put lease: ``rows`` (existing rows),
         ``keys`` (rows of those keys, new ones allocated) or ``n`` new rows. Returns the
@@ -275,7 +282,7 @@ class ControllerActor:
                 await self._space.wait(None)
         lease = self._state.begin_put(
             pid, specs, now=time.time(), n=n, rows=rows, keys=keys, tags=tags,
-            nbytes=nbytes, client=client,
+            nbytes=nbytes, client=client, node=node,
         )  # fmt: skip
         self._arm_expiry()
         return {
@@ -286,13 +293,18 @@ class ControllerActor:
             "ttl": self._state.put_lease_s,
         }
 
-    async def commit(self, pid: str, lease: int, net_bytes: int = 0) -> BatchMeta:
-        """Publish the put of ``lease``. A refused commit releases the lease at once."""
+    async def commit(
+        self, pid: str, lease: int, net_bytes: int = 0, crossed_bytes: int = 0
+    ) -> BatchMeta:
+        """Publish the put of ``lease``. A refused commit releases the lease at once.
+        ``crossed_bytes``: the bytes the writer sent to units on other nodes."""
         try:
             meta = self._state.commit_put(lease, net_bytes)
         except Exception:
             await self._end(lease, "aborted")
             raise
+        if crossed_bytes:
+            self._crossed[pid] = self._crossed.get(pid, 0) + int(crossed_bytes)
         self._changed(pid)
         return meta
 

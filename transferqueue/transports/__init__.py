@@ -1,7 +1,8 @@
 """Transports: where actors live and how requests reach them.
 
-Only ``zmq.py`` (and ``zmq_actor.py``, its actor process) imports zmq and only ``ray.py``
-imports ray; both are imported lazily.
+Only ``zmq.py`` (and ``zmq_actor.py``, its actor process, and ``ray_zmq.py``, the zmq data
+path of the ray transport) imports zmq and only ``ray.py`` imports ray; both are imported
+lazily.
 """
 
 from __future__ import annotations
