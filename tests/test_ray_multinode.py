@@ -248,6 +248,7 @@ def test_removing_a_node_gives_typed_errors_and_lost_rows(
     with pytest.raises(ActorDiedError):
         loop.run(ref.call("stats", timeout=30))
     took = time.monotonic() - started
+    print(f"\na call to a unit on the removed node failed after {took:.3f} s")
     assert took < DEATH_S, took
     with pytest.raises(RowsLostError) as lost:
         client.get_data(meta)
