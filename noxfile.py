@@ -20,7 +20,7 @@ from pathlib import Path
 import nox
 
 #: `nox` alone: lint, typecheck, and the three transports' suites run side by side
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_multinode"]
 TRANSPORTS = ("inproc", "zmq", "ray")
 
 #: the interpreter running nox: the environment README's pip command installed into
@@ -80,6 +80,14 @@ def tests(session: nox.Session) -> None:
                 failed.append(name)
     if failed:
         session.error(f"tests failed on: {', '.join(sorted(failed))} (logs in {logs})")
+
+
+@nox.session(python=False)
+def tests_multinode(session: nox.Session) -> None:
+    """The ray transport on a 3-node local Ray cluster (tests/test_ray_multinode.py starts it;
+    it cannot share a process with the single-node cluster of the other ray tests)."""
+    check_environment(session)
+    session.run(PYTHON, "-m", "pytest", "-m", "multinode", *session.posargs)
 
 
 @nox.session(python=False)

@@ -114,10 +114,7 @@ def test_client_in_worker_process_attaches_and_close_keeps_system(
     proc.start()
     status, rows = queue.get(timeout=120)
     proc.join(timeout=60)
-    if transport_name == "ray" and method == "fork":  # Ray cannot work after a fork
-        assert status == "error" and "spawn" in rows
-        return
-    assert status == "ok", rows
+    assert status == "ok", rows  # ray too: requests travel over zmq, not through Ray
     client = system.client  # the system still serves after the worker closed
     data = client.get_data(tq.BatchMeta("from-worker", rows, ["a"]))
     assert data["a"].tolist() == [0, 3, 6, 9, 12][: len(rows)]
@@ -243,9 +240,9 @@ def test_a_sync_client_keeps_working_in_a_forked_child(system, client, transport
     proc.start()
     status, value = queue.get(timeout=60)
     proc.join(timeout=30)
-    if transport_name == "zmq":
+    if transport_name in ("zmq", "ray"):  # ray: requests travel over zmq, not through Ray
         assert (status, value) == ("ok", 3)
-    else:  # inproc actors live in the parent only; Ray cannot be used after a fork
+    else:  # inproc actors live in the parent only
         assert status == "TransportUnavailableError", value
     client.clear_partition(pid)
 

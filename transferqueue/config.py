@@ -148,6 +148,12 @@ class RayConfig:
     #: extra ``.options(...)`` for the Ray actors; ``num_cpus`` defaults to 0 so the default
     #: configuration starts on a 2-CPU machine
     actor_options: Mapping[str, Any] = field(default_factory=dict)
+    #: how requests and bytes move: "zmq" (a zmq ROUTER served inside each Ray actor, on
+    #: its node's IP: ~1 round trip per call) or "ray" (one Ray actor task per call); see
+    #: docs/architecture.md for the measurement behind the default
+    data_path: str = "zmq"
+    #: interface the actors' zmq servers bind to (None: the node's IP as Ray reports it)
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,9 @@ class ControllerConfig:
     #: appended rows are dropped and their bytes freed, so a stream can always end. The
     #: writes of a put are bounded by the same deadline, so no byte lands after it
     put_lease_s: float = 60.0
+    #: ray only: the node the controller runs on (a Ray node id or a custom resource only
+    #: that node has); None: the node of the process that calls ``tq.init``
+    node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,16 @@ class StorageConfig:
     #: visits one or two. Every process of a system must use the same value (attaching
     #: processes take it from the system's config).
     stripe_rows: int = 128
+    #: ray only: start this many units on each node of ``nodes`` (default: every alive node
+    #: of the cluster); ``units`` is then ignored
+    units_per_node: int | None = None
+    #: ray only: the nodes storage units run on (Ray node ids or custom resources that name
+    #: one node each); without ``units_per_node`` the ``units`` go round robin over them
+    nodes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nodes, list):  # YAML / dict configs hold lists
+            object.__setattr__(self, "nodes", tuple(self.nodes))
 
 
 @dataclass(frozen=True)
@@ -231,6 +250,7 @@ class Config:
         lease = self.controller.put_lease_s
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
             raise ConfigError(f"controller.put_lease_s must be a number > 0; got {lease!r}")
+        self._check_placement()
         if self.zmq.protocol not in ("tcp", "ipc"):
             raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
         if not isinstance(self.zmq.insecure, bool):
@@ -242,6 +262,37 @@ class Config:
             raise ConfigError(
                 "zmq.advertise_host must be an address other hosts can connect to; "
                 f"got {advertise!r}"
+            )
+
+    def _check_placement(self) -> None:
+        per_node, nodes = self.storage.units_per_node, self.storage.nodes
+        if per_node is not None and (
+            isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1
+        ):
+            raise ConfigError(
+                f"storage.units_per_node must be None or an int >= 1; got {per_node!r}"
+            )
+        if nodes is not None and (
+            isinstance(nodes, str) or not nodes or not all(isinstance(n, str) for n in nodes)
+        ):
+            raise ConfigError(
+                f"storage.nodes must be None or a non-empty list of str; got {nodes!r}"
+            )
+        if self.ray.data_path not in ("zmq", "ray"):
+            raise ConfigError(f"ray.data_path must be 'zmq' or 'ray'; got {self.ray.data_path!r}")
+        placed = [
+            key
+            for key, value in (
+                ("storage.units_per_node", per_node),
+                ("storage.nodes", nodes),
+                ("controller.node", self.controller.node),
+            )
+            if value is not None
+        ]
+        if placed and self.transport != "ray":
+            raise ConfigError(
+                f"{', '.join(placed)} place actors on the nodes of a Ray cluster: they need "
+                f"transport 'ray' (this config has {self.transport!r})"
             )
 
 

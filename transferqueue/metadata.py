@@ -394,6 +394,8 @@ class PartitionInfo:
     reserving: int = 0
     #: rows a sampler's group filter (``keep_group``) dropped, consumed unseen, per task
     dropped: dict[str, int] = field(default_factory=dict)
+    #: bytes committed puts sent to storage units on another node than the writer's (ray)
+    cross_node_bytes: int = 0
 
     def to_plain(self) -> dict[str, Any]:
         """Plain values for the wire codec."""
@@ -416,6 +418,7 @@ class PartitionInfo:
             "admitted": self.admitted,
             "reserving": self.reserving,
             "dropped": dict(self.dropped),
+            "cross_node_bytes": self.cross_node_bytes,
         }
 
     @classmethod
@@ -436,6 +439,7 @@ class PartitionInfo:
             redelivered=dict(plain.get("redelivered", {})),
             evicted=dict(plain.get("evicted", {})),
             version=int(plain.get("version", 0)),
+            cross_node_bytes=int(plain.get("cross_node_bytes", 0)),
             max_staleness=plain.get("max_staleness"),
             admitted=int(plain.get("admitted", 0)),
             reserving=int(plain.get("reserving", 0)),

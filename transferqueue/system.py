@@ -82,7 +82,9 @@ class System:
 async def start_system(config: Config) -> System:
     """Spawn a controller and the storage units on ``config.transport``."""
     transport = transport_class(config.transport)(config)
-    n = config.storage.units
+    # where each actor runs (ray: storage.units_per_node / storage.nodes / controller.node)
+    controller_node, unit_nodes = transport.nodes_for(config.storage.units)
+    n = len(unit_nodes)
     # the capacity is one system-wide bound, kept by the controller when it admits puts
     controller_options = {
         "num_units": n,
@@ -97,8 +99,12 @@ async def start_system(config: Config) -> System:
             (config.controller.pre_allocate, config.controller.sampler),
             controller_options,
             name=CONTROLLER_NAME,
+            **_on(controller_node),
         ),
-        *(transport.spawn(StorageUnit, (i, n, None, False)) for i in range(n)),
+        *(
+            transport.spawn(StorageUnit, (i, n, None, False), **_on(unit_nodes[i]))
+            for i in range(n)
+        ),
         return_exceptions=True,
     )
     handles = [h for h in spawned if isinstance(h, ActorHandle)]
@@ -109,10 +115,16 @@ async def start_system(config: Config) -> System:
     info = {
         "controller": handles[0].ref.address.to_plain(),
         "units": [h.ref.address.to_plain() for h in handles[1:]],
+        "unit_nodes": [h.node for h in handles[1:]],
         "owner_pid": os.getpid(),
     }
     await handles[0].ref.call("set_system", info)
     return System(dataclasses.replace(config, system=info), handles)
+
+
+def _on(node: str | None) -> dict[str, Any]:
+    """``spawn`` keywords that place an actor on ``node`` (none: where the transport likes)."""
+    return {} if node is None else {"node": node}
 
 
 def attach_system(config: Config) -> System:

@@ -59,6 +59,7 @@ class AsyncTransferQueueClient:
         #: a testing seam: awaited with "begun" after a put got its rows and "written" after
         #: its bytes landed, before the commit (fault tests stop a process there)
         self.put_hook: Callable[[str], Awaitable[None]] | None = None
+        self._my_node: str | None = None  # where puts ask for their rows (locality)
         # results made of replies the transport does not hand over are copies
         self._replies_borrowed = bool(units) and not (
             transport_class(units[0].address.transport).replies_owned
@@ -238,9 +239,11 @@ class AsyncTransferQueueClient:
         tags: Sequence[dict[str, Any]] | None = None,
     ) -> BatchMeta:
         started = time.monotonic()
+        nbytes = payload_bytes(columns)
         begun = await self._controller.call(
             "begin_put", partition_id, specs, n, rows, keys,
-            list(tags) if tags is not None else None, payload_bytes(columns), self.client_id,
+            list(tags) if tags is not None else None, nbytes, self.client_id,
+            node=self._node(),
         )  # fmt: skip
         lease = begun["lease"]
         try:
@@ -257,7 +260,10 @@ class AsyncTransferQueueClient:
                 nets = [int(r) for r in results]
             if self.put_hook is not None:
                 await self.put_hook("written")
-            return await self._controller.call("commit", partition_id, lease, sum(nets))
+            crossed = self._crossed_bytes(begun["units"], nbytes)
+            return await self._controller.call(
+                "commit", partition_id, lease, sum(nets), crossed_bytes=crossed
+            )
         except Exception:
             await self._abort(partition_id, lease)
             raise
@@ -265,6 +271,20 @@ class AsyncTransferQueueClient:
             with contextlib.suppress(RuntimeError):  # no loop left to run it: it expires
                 background(self._abort(partition_id, lease), "aborting a cancelled put")
             raise
+
+    def _node(self) -> str | None:
+        """This process's node, as the transport names nodes (None: it does not say)."""
+        if self._my_node is None and self._units:
+            self._my_node = transport_class(self._units[0].address.transport).local_node()
+        return self._my_node
+
+    def _crossed_bytes(self, units: list[int], nbytes: int) -> int:
+        """The put's bytes that went to units on other nodes (pro rata by rows)."""
+        node, unit_nodes = self._my_node, (self.config.system or {}).get("unit_nodes")
+        if node is None or not unit_nodes or not units:
+            return 0
+        remote = sum(1 for u in units if unit_nodes[u] not in (None, node))
+        return nbytes * remote // len(units)
 
     async def _abort(self, partition_id: str, lease: int) -> None:
         """End a failed put's lease; the controller gives its rows back. Best effort: a

@@ -92,6 +92,7 @@ class ControllerActor(CheckpointMethods):
         self._clearing: dict[str, asyncio.Event] = {}  # partitions whose bytes are going
         self._reserving: dict[str, int] = {}  # reserve calls waiting for room, per partition
         self._init_checkpoints()
+        self._crossed: dict[str, int] = {}  # bytes committed puts sent across nodes
 
     def _changed(self, pid: str) -> None:
         waiters = self._waiters.get(pid)
@@ -115,6 +116,7 @@ class ControllerActor(CheckpointMethods):
     async def set_system(self, info: Mapping[str, Any]) -> None:
         self._system = dict(info)
         self._units = [ActorRef(Address.from_plain(u)) for u in info.get("units", [])]
+        self._state.placement.set_nodes(info.get("unit_nodes"))
         for i, ref in enumerate(self._units):
             self._own(self._watch(i, ref), f"watching storage unit {i}")
 
@@ -198,6 +200,7 @@ class ControllerActor(CheckpointMethods):
         self._state.clear_partition(pid)
         self._changed(pid)
         self._waiters.pop(pid, None)
+        self._crossed.pop(pid, None)
         done = self._clearing.setdefault(pid, asyncio.Event())
         if self._hold:  # a save reads these bytes: they go once it has (puts wait till then)
             self._own(self._clear_units(pid, done), f"clearing partition {pid!r} after a save")
@@ -266,7 +269,10 @@ class ControllerActor(CheckpointMethods):
             if qpid == pid:
                 waiting[task] = waiting.get(task, 0) + len(queue)
         return dataclasses.replace(
-            self._state.partition_info(pid), waiting=waiting, reserving=self._reserving.get(pid, 0)
+            self._state.partition_info(pid),
+            waiting=waiting,
+            reserving=self._reserving.get(pid, 0),
+            cross_node_bytes=self._crossed.get(pid, 0),
         )
 
     # ------------------------------------------------------------------ writes
@@ -280,6 +286,7 @@ class ControllerActor(CheckpointMethods):
         tags: Sequence[Mapping[str, Any] | None] | None = None,
         nbytes: int = 0,
         client: str = "",
+        node: str | None = None,
     ) -> dict[str, Any]:
         """Validate a put and give it rows under a put lease: ``rows`` (existing rows),
         ``keys`` (rows of those keys, new ones allocated) or ``n`` new rows. Returns the
@@ -295,7 +302,7 @@ class ControllerActor(CheckpointMethods):
                 await self._space.wait(None)
         lease = self._state.begin_put(
             pid, specs, now=time.time(), n=n, rows=rows, keys=keys, tags=tags,
-            nbytes=nbytes, client=client,
+            nbytes=nbytes, client=client, node=node,
         )  # fmt: skip
         self._arm_expiry()
         return {
@@ -308,10 +315,13 @@ class ControllerActor(CheckpointMethods):
             "dtypes": self._state.target_dtypes(pid, lease.specs),
         }
 
-    async def commit(self, pid: str, lease: int, net_bytes: int = 0) -> BatchMeta:
-        """Publish the put of ``lease``. A refused commit releases the lease at once. A put
-        that widens a field's dtype has every unit convert the rows it holds first, so
-        that a get returns the field's one dtype once the commit is visible."""
+    async def commit(
+        self, pid: str, lease: int, net_bytes: int = 0, crossed_bytes: int = 0
+    ) -> BatchMeta:
+        """Publish the put of ``lease``. A refused commit releases the lease at once.
+        A put that widens a field's dtype has every unit convert the rows it holds first, so
+        that a get returns the field's one dtype once the commit is visible.
+        ``crossed_bytes``: the bytes the writer sent to units on other nodes."""
         try:
             widened = self._state.widened(lease)
             if widened:
@@ -321,6 +331,8 @@ class ControllerActor(CheckpointMethods):
         except Exception:
             await self._end(lease, "aborted")
             raise
+        if crossed_bytes:
+            self._crossed[pid] = self._crossed.get(pid, 0) + int(crossed_bytes)
         self._changed(pid)
         return meta
 

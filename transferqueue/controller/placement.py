@@ -7,6 +7,11 @@ share is a few runs of the batch, sent as views), while small puts -- one trajec
 time, from a rollout fleet -- go to the units in turn instead of all landing on one. Units
 known to be dead get no new rows.
 
+Locality (the ray transport, where units and writers know their node): a put that names
+the writer's node gets only the live units on that node, round robin as above, when there
+are any; otherwise every live unit. Rows therefore stay where they were produced, and a
+reader fetches them from whichever units hold them (the row -> unit map of a BatchMeta).
+
 ``storage.capacity_bytes`` is one promise for the whole system, kept here: a put reserves
 its payload bytes at ``begin_put`` (refused, or made to wait, when they do not fit), its
 commit replaces the reservation with the net bytes the units reported, and clears give
@@ -33,6 +38,15 @@ class Placement:
         self.num_units = num_units
         self.stripe = stripe_rows
         self.dead: set[int] = set()
+        #: the node of each unit (None: not known; no locality)
+        self.nodes: list[str | None] = [None] * num_units
+
+    def set_nodes(self, nodes: list[str | None] | None) -> None:
+        """The node each unit runs on, as the transport names nodes."""
+        if nodes is not None:
+            if len(nodes) != self.num_units:
+                raise ValueError(f"need one node per unit ({self.num_units}), got {len(nodes)}")
+            self.nodes = list(nodes)
 
     def first_unit(self, pid: str) -> int:
         """Where a partition's first block goes: spread partitions over the units."""
@@ -41,11 +55,15 @@ class Placement:
     def alive(self) -> list[int]:
         return [u for u in range(self.num_units) if u not in self.dead]
 
-    def assign(self, cursor: int, count: int) -> tuple[np.ndarray, int]:
-        """Units for ``count`` rows in batch order, and the cursor after them."""
+    def assign(self, cursor: int, count: int, node: str | None = None) -> tuple[np.ndarray, int]:
+        """Units for ``count`` rows in batch order, and the cursor after them; the writer's
+        ``node`` keeps them on that node's live units when it has any."""
         alive = self.alive()
         if not alive:
             raise ActorDiedError("every storage unit of this system died: no row can be stored")
+        if node is not None:
+            local = [u for u in alive if self.nodes[u] == node]
+            alive = local or alive
         blocks = -(-count // self.stripe)
         order = np.array(alive, dtype=np.int16)
         first = cursor % len(alive)

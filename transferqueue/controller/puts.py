@@ -96,6 +96,7 @@ class PutsAndBytes:
         tags: Sequence[Mapping[str, Any] | None] | None = None,
         nbytes: int = 0,
         client: str = "",
+        node: str | None = None,
     ) -> PutLease:
         """Validate a put up front (specs, tags, keys, capacity) and give it rows under a
         lease that ends at ``now + put_lease_s``: ``rows`` (existing rows), ``keys`` (their
@@ -140,7 +141,7 @@ class PutsAndBytes:
             was_pending[was_pending] = pending_before[fresh[was_pending]]
             slots = fresh[was_pending]
         if len(fresh):
-            units, part.next_unit = self.placement.assign(part.next_unit, len(fresh))
+            units, part.next_unit = self.placement.assign(part.next_unit, len(fresh), node)
             part.unit[fresh] = units
         lease = PutLease(
             lease=self.leases.new_id(),

@@ -212,6 +212,8 @@ def partition_row(part: Mapping[str, Any]) -> dict[str, Any]:
         "in_flight": part.get("in_flight", 0),
         "lost": part.get("lost", 0),
         "waiting": dict(part.get("waiting") or {}),
+        # bytes committed puts sent to units on another node than the writer's (ray)
+        "cross_node_bytes": part.get("cross_node_bytes", 0),
     }
 
 

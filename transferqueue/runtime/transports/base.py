@@ -144,6 +144,8 @@ class ActorHandle(abc.ABC):
     ref: ActorRef
     #: the process that hosts the actor, where it has one of its own (zmq, ray)
     pid: int | None = None
+    #: the node that hosts the actor, as :meth:`Transport.local_node` names nodes (ray)
+    node: str | None = None
 
     @abc.abstractmethod
     async def stop(self) -> None:
@@ -193,3 +195,16 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def connect(cls, address: Address, config: Config) -> Channel:
         """Open a channel to ``address`` in the calling process and event loop."""
+
+    def nodes_for(self, units: int) -> tuple[str | None, list[str | None]]:
+        """Where to start the controller and each storage unit (passed to :meth:`spawn` as
+        ``node=``; None: wherever the transport starts actors). Only the ray transport places
+        actors on nodes (the placement keys are refused on the others); the number of units
+        may differ from ``units`` (``storage.units_per_node``)."""
+        return None, [None] * units
+
+    @staticmethod
+    def local_node() -> str | None:
+        """The node this process runs on, named as :meth:`nodes_for` names them (None:
+        the transport does not tell nodes apart)."""
+        return None

@@ -1,9 +1,17 @@
 """Ray transport: each actor is hosted in an async Ray actor.
 
-Requests and replies go through the same codec as on zmq (the frames travel as bytes and
-zero-copy numpy views, which Ray moves without copies), so every transport accepts exactly
-the same payloads. Actors request 0 CPUs by default, so the default configuration starts
-on a 2-CPU machine; ``ray.actor_options`` and ``ray.namespace`` are configurable.
+Ray places the actors (``storage.units_per_node`` / ``storage.nodes`` / ``controller.node``:
+node-affinity or custom-resource scheduling), starts and stops them and finds the named
+controller. Requests and replies take one of two data paths (``ray.data_path``):
+
+* ``"zmq"`` (the default): the Ray actor serves the zmq transport's ROUTER socket on its
+  node's IP (:mod:`.ray_zmq`); a ref calls it over zmq, and a dead actor's socket tells its
+  callers at once (``ActorDiedError``). The actor's address carries its zmq endpoint.
+* ``"ray"``: every request is a Ray actor task (frames as bytes and zero-copy numpy views).
+
+Either way the frames are the same codec's, so every transport accepts exactly the same
+payloads. Actors request 0 CPUs by default, so the default configuration starts on a 2-CPU
+machine; ``ray.actor_options`` and ``ray.namespace`` are configurable.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transferqueue.config import Config
 from transferqueue.errors import (
     ActorClosedError,
     ActorDiedError,
+    ConfigError,
     TransportUnavailableError,
 )
 from transferqueue.runtime.transports import _protocol as protocol
@@ -60,25 +70,54 @@ def _to_ray(frames: list[Any]) -> list[Any]:
     return out
 
 
+#: separates a Ray actor's name from its zmq endpoint in an address's ``endpoint``
+_SEP = "|"
+
+
 class _RayHost:
     """The Ray actor that hosts one transferqueue actor."""
 
-    def __init__(self, target: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, target: type, args: tuple[Any, ...], kwargs: dict[str, Any], serve: dict[str, Any]
+    ) -> None:
         self._dispatcher = Dispatcher(target(*args, **kwargs))
+        self._serve = serve  # the zmq data path: {"host": ...}; {} for Ray tasks
+        self._server: Any = None
         self._started: asyncio.Task[None] | None = None
 
-    async def ready(self) -> int:
-        """Starts the actor (once); returns the pid of the process that hosts it."""
+    async def _start(self) -> None:
+        await self._dispatcher.start()
+        if self._serve:
+            import torch
+
+            from transferqueue.runtime.memory import tune_malloc_for_large_buffers
+            from transferqueue.runtime.transports.ray_zmq import ZmqServing
+
+            # as in a zmq actor process: big frames reuse heap pages; few torch threads
+            tune_malloc_for_large_buffers()
+            torch.set_num_threads(max(1, int(self._serve.get("threads", 1))))
+
+            host = self._serve.get("host") or ray.util.get_node_ip_address()
+            self._server = ZmqServing(self._dispatcher, host)
+
+    async def ready(self) -> dict[str, Any]:
+        """Starts the actor (once); returns its process id, node and zmq endpoint."""
         if self._started is None:
-            self._started = asyncio.ensure_future(self._dispatcher.start())
+            self._started = asyncio.ensure_future(self._start())
         await self._started
-        return os.getpid()
+        return {
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "zmq": self._server.endpoint if self._server is not None else "",
+        }
 
     async def call(self, frames: list[Any]) -> list[Any]:
         await self.ready()
         return _to_ray(await self._dispatcher.serve(frames))
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
         await self._dispatcher.stop()
 
 
@@ -95,10 +134,14 @@ def _ensure_ray(namespace: str) -> None:
 
 
 class RayChannel(Channel):
-    def __init__(self, address: Address) -> None:
-        self._name = address.endpoint
+    """Requests as Ray actor tasks; or, when the actor serves zmq, over its socket."""
+
+    def __init__(self, address: Address, config: Config) -> None:
+        self._name, _, self._zmq_endpoint = address.endpoint.partition(_SEP)
         self._namespace = address.namespace
+        self._config = config
         self._actor: Any = None
+        self._zmq: Channel | None = None
         self._closed = False
 
     def _handle(self) -> Any:
@@ -117,6 +160,14 @@ class RayChannel(Channel):
     ) -> Any:
         if self._closed:
             raise ActorClosedError(f"the channel to Ray actor {self._name!r} is closed")
+        if self._zmq is None and not self._zmq_endpoint and self._actor is None:
+            await self._discover(deadline)  # an address by name only (find_named)
+        if self._zmq_endpoint:
+            if self._zmq is None:
+                from transferqueue.runtime.transports import ray_zmq
+
+                self._zmq = ray_zmq.connect(self._zmq_endpoint, self._config)
+            return await self._zmq.request(method, args, kwargs, deadline)
         # one call per Ray task: the reply needs no id (Ray matches it to its request)
         frames = _to_ray(protocol.encode_request(Envelope(0, method, deadline), args, kwargs))
         timeout = protocol.time_left(deadline)
@@ -130,16 +181,31 @@ class RayChannel(Channel):
             raise ActorDiedError(f"the Ray actor {self._name!r} died: {exc}") from None
         return protocol.outcome(reply_frames)
 
+    async def _discover(self, deadline: float | None) -> None:
+        """Ask the actor (by its Ray name) for the zmq endpoint it serves, if any."""
+        try:
+            ready = await asyncio.wait_for(
+                self._handle().ready.remote(), protocol.time_left(deadline)
+            )
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"Ray actor {self._name!r} did not answer in time") from None
+        except RayActorError as exc:
+            raise ActorDiedError(f"the Ray actor {self._name!r} died: {exc}") from None
+        self._zmq_endpoint = ready["zmq"]
+
     async def aclose(self) -> None:
         self._closed = True
         self._actor = None
+        if self._zmq is not None:
+            await self._zmq.aclose()
 
 
 class _RayHandle(ActorHandle):
-    def __init__(self, actor: Any, ref: ActorRef, pid: int) -> None:
+    def __init__(self, actor: Any, ref: ActorRef, ready: dict[str, Any]) -> None:
         self._actor = actor
         self.ref = ref
-        self.pid = pid
+        self.pid = ready["pid"]
+        self.node = ready["node"]
         self._stopped = False
 
     async def stop(self) -> None:
@@ -166,29 +232,65 @@ class RayTransport(Transport):
         kwargs: Mapping[str, Any] | None = None,
         *,
         name: str | None = None,
+        node: str | None = None,
     ) -> ActorHandle:
-        namespace = self.config.ray.namespace
+        """``node``: a Ray node id or the name of a custom resource the node has."""
+        cfg = self.config.ray
+        namespace = cfg.namespace
         _ensure_ray_started(namespace)
         # a named actor (e.g. the controller) can be found by name in its namespace
         actor_name = f"tq-{name}" if name else f"tq-{target.__name__}-{uuid.uuid4().hex[:10]}"
         options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 10_000}
-        options.update(self.config.ray.actor_options)
+        if node is not None:
+            options.update(_node_options(node))
+        options.update(cfg.actor_options)
         options.update(name=actor_name, namespace=namespace)
+        serve = {"host": cfg.host, "threads": self.config.zmq.actor_threads}
+        if cfg.data_path != "zmq":
+            serve = {}
         actor = (
-            ray.remote(_RayHost).options(**options).remote(target, tuple(args), dict(kwargs or {}))
+            ray.remote(_RayHost)
+            .options(**options)
+            .remote(target, tuple(args), dict(kwargs or {}), serve)
         )
-        ref = ActorRef(Address("ray", actor_name, namespace=namespace), self.config)
         try:
-            pid = await actor.ready.remote()  # type: ignore[union-attr]
+            ready = await actor.ready.remote()  # type: ignore[union-attr]
         except RayActorError as exc:
             raise ActorDiedError(
                 f"the Ray actor for {target.__name__} failed to start: {exc}"
             ) from None
-        return _RayHandle(actor, ref, pid)
+        endpoint = f"{actor_name}{_SEP}{ready['zmq']}" if ready["zmq"] else actor_name
+        ref = ActorRef(Address("ray", endpoint, namespace=namespace), self.config)
+        return _RayHandle(actor, ref, ready)
+
+    def nodes_for(self, units: int) -> tuple[str | None, list[str | None]]:
+        """The controller's node (``controller.node``, default: this driver's) and one node
+        per storage unit: ``storage.units_per_node`` on each of ``storage.nodes`` (default:
+        every alive node), or ``storage.units`` round robin over ``storage.nodes``."""
+        _ensure_ray_started(self.config.ray.namespace)
+        controller = self.config.controller.node or ray.get_runtime_context().get_node_id()
+        per_node = self.config.storage.units_per_node
+        if self.config.storage.nodes is None and per_node is None:
+            return controller, [None] * units
+        targets = list(self.config.storage.nodes or ())
+        if not targets:
+            targets = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        for t in targets:
+            _node_options(t)  # a clear error for a name no node has, before anything starts
+        if per_node is not None:
+            return controller, [t for t in targets for _ in range(per_node)]
+        return controller, [targets[i % len(targets)] for i in range(units)]
+
+    @staticmethod
+    def local_node() -> str | None:
+        """This process's Ray node id (None when it is not connected to Ray)."""
+        if _forked_with_ray or not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().get_node_id()
 
     @classmethod
     def connect(cls, address: Address, config: Config) -> Channel:
-        return RayChannel(address)
+        return RayChannel(address, config)
 
     @staticmethod
     def find_named(name: str, config: Config) -> Address | None:
@@ -204,6 +306,19 @@ def _ensure_ray_started(namespace: str) -> None:
     """Spawning starts a local Ray cluster if this process is not connected to one."""
     if not ray.is_initialized():
         ray.init(namespace=namespace, log_to_driver=False)
+
+
+def _node_options(node: str) -> dict[str, Any]:
+    """Ray actor options that place an actor on ``node`` (a node id or a custom resource)."""
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if any(n["NodeID"] == node for n in alive):
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+    if any(node in n["Resources"] for n in alive):
+        return {"resources": {node: 0.001}}  # a sliver of the node's own resource
+    raise ConfigError(
+        f"no alive Ray node has the id or custom resource {node!r} (storage.nodes / "
+        f"controller.node name nodes by id or by a resource only they have)"
+    )
 
 
 def find_named(name: str, config: Config) -> Address | None:
