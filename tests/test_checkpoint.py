@@ -300,3 +300,35 @@ def test_module_level_calls(tmp_path: Path) -> None:
         assert runtime_loop().run(twice()) == {"epoch": 2}
     finally:
         tq.close()
+
+
+async def test_a_rewrite_in_flight_when_a_save_begins_is_all_in_or_all_out(pair, tmp_path) -> None:
+    a, b = pair
+    c, writer = a.new_async_client(), a.new_async_client()
+    await c.put({"x": torch.zeros(4, 8)}, "p")
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def stop(point: str) -> None:
+        if point == "written":  # its bytes landed, not committed
+            reached.set()
+            await release.wait()
+
+    writer.put_hook = stop
+    rewrite = BatchMeta("p", [0, 1], [])
+    put = asyncio.ensure_future(
+        writer.put({"x": torch.full((2, 8), -5.0), "z": torch.ones(2, 1)}, metadata=rewrite)
+    )
+    await asyncio.wait_for(reached.wait(), 30)
+    save = asyncio.ensure_future(checkpoint.save(c, tmp_path / "ck"))
+    for _ in range(4):  # the save (units stats, then checkpoint_begin) reached the controller
+        await c.partition_info("p")
+    release.set()
+    await asyncio.wait_for(asyncio.gather(put, save), 60)
+    loader = b.new_async_client()
+    await loader.load_checkpoint(tmp_path / "ck")
+    info = await loader.partition_info("p")
+    x = (await loader.get_data(BatchMeta("p", [0, 1, 2, 3], ["x"])))["x"][:, 0].tolist()
+    # the snapshot waited for the rewrite: it is in, whole (new x and z)
+    assert info.produced == {"x": 4, "z": 2} and x == [-5.0, -5.0, 0.0, 0.0]
+    for client in (c, writer, loader):
+        await client.close()

@@ -113,7 +113,7 @@ class CheckpointError(TransferQueueError):
 
 
 class SystemNotEmptyError(CheckpointError):
-    """``load_checkpoint`` into a system that already holds partitions: pass
+    """``load_checkpoint`` into a system that holds partitions with rows: pass
     ``overwrite=True`` to clear them first."""
 
 

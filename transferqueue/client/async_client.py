@@ -599,7 +599,7 @@ class AsyncTransferQueueClient:
         self, path: str | os.PathLike[str], *, overwrite: bool = False, progress: bool | None = None
     ) -> Any:
         """Load the checkpoint at ``path`` (any number of storage units); returns its
-        metadata. A system that holds partitions is refused (``SystemNotEmptyError``)
+        metadata. A system holding partitions with rows is refused (``SystemNotEmptyError``)
         unless ``overwrite=True``, which clears them first."""
         from transferqueue.ops import checkpoint
 

@@ -6,9 +6,9 @@ Waiters of one (partition, task, rank, batch_index) are served in arrival order.
 
 It also owns what needs the storage units: clearing the bytes of dropped and released rows
 before their ids are reused (:meth:`_drain`), a timer at the earliest put-lease deadline
-(the only timer: it fires when a lease must end, it never polls), and one long-lived
-``watch`` call per unit whose failure with ``ActorDiedError`` tells the controller the unit
-died (its rows are then reported lost).
+(it fires when a lease must end, it never polls; a checkpoint hold or load has one of its
+own, :mod:`.checkpoints`), and one long-lived ``watch`` call per unit whose failure with
+``ActorDiedError`` tells the controller the unit died (its rows are then reported lost).
 """
 
 from __future__ import annotations
