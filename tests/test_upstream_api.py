@@ -166,7 +166,7 @@ def test_sampler_module_path() -> None:
 
 # ------------------------------------------------------------ the API snapshot
 PUBLIC_NAMES = [
-    "ActorClosedError", "ActorDiedError", "ActorError", "AsyncTransferQueueClient",
+    "ActorClosedError", "ActorDiedError", "ActorError", "AsyncTransferQueueClient", "AuthenticationError",
     "BaseSampler", "BatchMeta", "CheckpointError", "Config", "ConfigError", "GRPOGroupNSampler",
     "NotInitializedError", "PartitionInfo", "PartitionNotFoundError", "PartitionSealedError",
     "ProtocolError", "PutLeaseExpiredError", "RankAwareSampler", "RemoteError",
