@@ -55,6 +55,10 @@ def ray_cluster() -> Iterator[None]:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if not ray.is_initialized():
         ray.init(
+            # a cluster of this session's own (never one another test run on the machine
+            # started), on loopback: tests address no interface but lo
+            address="local",
+            _node_ip_address="127.0.0.1",
             num_cpus=2,
             namespace="transferqueue-tests",
             log_to_driver=False,
