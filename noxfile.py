@@ -20,8 +20,12 @@ from pathlib import Path
 import nox
 
 #: `nox` alone: lint, typecheck, and the three transports' suites run side by side
-nox.options.sessions = ["lint", "typecheck", "tests", "tests_multinode"]
+nox.options.sessions = ["lint", "typecheck", "tests"]
 TRANSPORTS = ("inproc", "zmq", "ray")
+#: the runs of the tests session: each transport's suite, and the 3-node Ray cluster's tests
+#: (tests/test_ray_multinode.py starts that cluster: it cannot share a process with the
+#: single-node cluster of the other ray tests)
+RUNS = (*TRANSPORTS, "multinode")
 
 #: the interpreter running nox: the environment README's pip command installed into
 PYTHON = sys.executable
@@ -38,9 +42,11 @@ def check_environment(session: nox.Session) -> None:
         )
 
 
-def pytest_args(transport: str, posargs: list[str]) -> list[str]:
-    args = ["-m", "pytest", f"--transport={transport}", "-p", "no:cacheprovider", *posargs]
-    if transport != "inproc":  # inproc also runs the transport-free unit tests
+def pytest_args(run: str, posargs: list[str]) -> list[str]:
+    if run == "multinode":
+        return ["-m", "pytest", "-m", "multinode", "-p", "no:cacheprovider", *posargs]
+    args = ["-m", "pytest", f"--transport={run}", "-p", "no:cacheprovider", *posargs]
+    if run != "inproc":  # inproc also runs the transport-free unit tests
         args += ["-m", "transport"]
     return args
 
@@ -55,11 +61,12 @@ def transport(session: nox.Session, transport: str) -> None:
 
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """The test suite on every transport, the three runs side by side (much of a run is
-    waiting on other processes: actor start-up, Ray, deadlines), each logged to a file that
-    is printed when it ends. ``TQ_TEST_JOBS=1`` runs them one after the other."""
+    """The test suite on every transport and the multinode tests, the runs side by side
+    (much of a run is waiting on other processes: actor start-up, Ray, deadlines), each
+    logged to a file that is printed when it ends. ``TQ_TEST_JOBS=1`` runs them one after
+    the other."""
     check_environment(session)
-    jobs = max(1, int(os.environ.get("TQ_TEST_JOBS", len(TRANSPORTS))))
+    jobs = max(1, int(os.environ.get("TQ_TEST_JOBS", len(RUNS))))
     logs = Path(tempfile.mkdtemp(prefix="tq-tests-"))
 
     def run(name: str) -> tuple[str, int, float]:
@@ -72,7 +79,7 @@ def tests(session: nox.Session) -> None:
 
     failed = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(run, n) for n in TRANSPORTS]):
+        for future in concurrent.futures.as_completed([pool.submit(run, n) for n in RUNS]):
             name, code, took = future.result()
             print((logs / f"{name}.log").read_text(), flush=True)
             session.log(f"[{name}] exit {code} after {took:.0f} s")
@@ -84,10 +91,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def tests_multinode(session: nox.Session) -> None:
-    """The ray transport on a 3-node local Ray cluster (tests/test_ray_multinode.py starts it;
-    it cannot share a process with the single-node cluster of the other ray tests)."""
+    """Only the 3-node Ray cluster's tests: ``nox -s tests_multinode``."""
     check_environment(session)
-    session.run(PYTHON, "-m", "pytest", "-m", "multinode", *session.posargs)
+    session.run(PYTHON, *pytest_args("multinode", session.posargs))
 
 
 @nox.session(python=False)
