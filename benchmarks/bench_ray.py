@@ -148,16 +148,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            "node_ip_address": "127.0.0.1",  # every node on loopback
             "num_cpus": 1,
             "resources": {"node_a": 1},
             "object_store_memory": STORE,
             "include_dashboard": False,
         },
     )
-    cluster.add_node(
-        node_ip_address="127.0.0.1", num_cpus=1, resources={"node_b": 1}, object_store_memory=STORE
-    )
+    cluster.add_node(num_cpus=1, resources={"node_b": 1}, object_store_memory=STORE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     previous = os.environ.get("RAY_ADDRESS")

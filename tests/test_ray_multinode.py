@@ -46,7 +46,6 @@ def cluster() -> Iterator[Any]:
     c = Cluster(
         initialize_head=True,
         head_node_args={
-            "node_ip_address": "127.0.0.1",  # every node on loopback
             "num_cpus": 1,
             "resources": {"node_a": 1},
             "object_store_memory": small,
@@ -54,9 +53,7 @@ def cluster() -> Iterator[Any]:
         },
     )
     c.tq_nodes = {
-        name: c.add_node(
-            node_ip_address="127.0.0.1", num_cpus=1, resources={name: 1}, object_store_memory=small
-        )
+        name: c.add_node(num_cpus=1, resources={name: 1}, object_store_memory=small)
         for name in ("node_b", "node_c")
     }
     c.wait_for_nodes()
