@@ -340,11 +340,18 @@ class Dispatcher:
             try:
                 first = coro.send(None)
             except StopIteration as finished:
-                return finished.value
-            # the task copies the context: the handler sees its deadline
-            task = asyncio.ensure_future(_resume(coro, first))
+                done, result = True, finished.value
+            else:
+                done, result = False, None
+                # the task copies the context: the handler sees its deadline
+                task = asyncio.ensure_future(_resume(coro, first))
         finally:
             _deadline.reset(reset)
+        if done:
+            # one loop turn before the reply, as a task of its own took: waiters this call
+            # woke (a commit's consumers) run before its caller hears back
+            await asyncio.sleep(0)
+            return result
         return await self._supervise(envelope, task, left)
 
     async def _supervise(
