@@ -17,6 +17,10 @@
   and through an inproc :class:`ControllerActor` (timed on the runtime loop, codec on).
 * bytes of controller state per row: 1M rows, 8 fields, 4 tasks (``memory_bytes``).
 * single-row append (allocate + commit on the state) at 10k and at 1M rows.
+* controller throughput (issue 12): 64 concurrent clients (4 spawned processes x 16
+  connections of their own, zmq) loop ``begin_put`` -> ``commit`` -> ``get_meta``
+  (``wait=False``) for a few seconds; ops/s over all of them, against the same loop from
+  one client (the same-run baseline: what one caller's round trips allow).
 
 Also runnable alone: ``python benchmarks/bench_controller.py [--quick]``.
 """
@@ -220,6 +224,52 @@ def append_times(sizes: tuple[int, ...], appends: int) -> dict[int, float]:
     return {size: statistics.median(ts) for size, ts in times.items()}
 
 
+# ----------------------------------------------------------------- throughput
+def controller_ops(clients: int, procs: int, seconds: float) -> float:
+    """Controller ops/s with ``clients`` concurrent callers spread over ``procs`` spawned
+    processes (see :func:`_fleet_workers.hammer`)."""
+    import multiprocessing as mp
+
+    from _fleet_workers import hammer
+
+    cfg = tq.init(zmq_config())
+    ctx = mp.get_context("spawn")
+    pid = f"ops-{clients}"
+    conns, children = [], []
+    try:
+        for _ in range(procs):
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=hammer, args=(child, cfg, pid, clients // procs, seconds), daemon=True
+            )
+            proc.start()
+            conns.append(conn)
+            children.append(proc)
+        for conn in conns:
+            if not conn.poll(300) or conn.recv()[0] != "ready":
+                raise RuntimeError("a client process did not start")
+        start = time.perf_counter() + 0.5
+        for conn in conns:
+            conn.send(start)
+        total = 0
+        for conn in conns:
+            if not conn.poll(300):
+                raise RuntimeError("a client process went quiet")
+            kind, value = conn.recv()
+            if kind != "done":
+                raise RuntimeError(f"a client process failed: {value}")
+            total += value
+        tq.get_client().clear_partition(pid)
+        return total / seconds
+    finally:
+        for proc in children:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        tq.close()
+
+
 # ----------------------------------------------------------------- the table
 def run(quick: bool = False) -> dict[str, Any]:
     table = Table("controller (issue 3). Latencies in ms/us, medians unless p99")
@@ -286,6 +336,20 @@ def run(quick: bool = False) -> dict[str, Any]:
             large <= 2 * small,
         )
         figures.update(append_10k_us=small, append_1M_us=large)
+        seconds = 3.0 if quick else 8.0
+        one = controller_ops(1, 1, seconds)
+        many = controller_ops(64, 4, seconds)
+        table.add("zmq controller ops/s, 1 client", one, "/s")
+        table.add(
+            "zmq controller ops/s, 64 concurrent clients",
+            many,
+            "/s",
+            "1 client",
+            one,
+            ">= 10000/s",
+            many >= 10_000,
+        )
+        figures.update(controller_ops_1=one, controller_ops_64=many)
     finally:
         table.print()
     return figures

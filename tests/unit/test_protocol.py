@@ -142,6 +142,17 @@ async def test_handler_running_at_its_deadline_is_cancelled_and_never_writes() -
     assert worker.writes == [] and not dispatcher._running
 
 
+async def test_handler_that_suspends_goes_on_under_its_deadline(wire: MemoryTransport) -> None:
+    # its first step runs inline; once it suspends it goes on in a task of its own
+    worker = wire.dispatcher.actor
+    call = asyncio.ensure_future(wire.call("write_after", "g", "v", timeout=30))
+    await worker.started.wait()
+    assert worker.writes == [] and not call.done()
+    await wire.call("open", "g", timeout=30)
+    assert await call is None
+    assert worker.writes == ["v"] and not wire.dispatcher._running
+
+
 async def test_cancel_request_cancels_by_token() -> None:
     worker = Worker()
     dispatcher = Dispatcher(worker)

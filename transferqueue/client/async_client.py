@@ -303,6 +303,14 @@ class AsyncTransferQueueClient:
         timeout: float,
     ) -> list[Any]:
         """Write each unit's share of ``columns``, in parallel."""
+        if units and min(units) == max(units) and _plain(columns):
+            # one unit holds every row (a small put): its share is the whole batch, as is
+            return [
+                await self._unit_call(
+                    partition_id, units[0], rows, "put", partition_id, rows, columns,
+                    timeout=timeout,
+                )
+            ]  # fmt: skip
         calls = []
         for unit, (positions, unit_rows) in group_by_unit(rows, units).items():
             found = runs(positions)  # the same for every column
@@ -608,6 +616,14 @@ class AsyncTransferQueueClient:
     # ------------------------------------------------------------------- streaming
     def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[TensorDict, BatchMeta]]:
         return streams.stream(self, *args, **kwargs)
+
+
+def _plain(columns: dict[str, Any]) -> bool:
+    """Whether every column is a plain (not nested) tensor or a list: sent to one unit as is."""
+    return all(
+        isinstance(c, list) or (isinstance(c, torch.Tensor) and not c.is_nested)
+        for c in columns.values()
+    )
 
 
 def _meta_arg(meta: BatchMeta | None, metadata: BatchMeta | None) -> BatchMeta:

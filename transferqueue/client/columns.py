@@ -17,11 +17,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
 from transferqueue.client import routing
 from transferqueue.errors import SchemaError
+from transferqueue.storage._arena import word_rows
 
 Column = Any  # torch.Tensor | list[torch.Tensor] | list[Any]
 
@@ -200,10 +202,47 @@ def assemble(
                 (p, col if _dtype_of(col) in (None, dtype) else cast(col, dtype))
                 for p, col in pieces
             ]
-        merged = routing.assemble(pieces, n, copy, found)
+        merged = _merge_small_dense(pieces, n)
+        if merged is None:
+            merged = routing.assemble(pieces, n, copy, found)
         out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
     td = TensorDict(out, batch_size=[n])
     return td.to(device) if device is not None else td
+
+
+def _merge_small_dense(pieces: list[tuple[Any, Column]], n: int) -> torch.Tensor | None:
+    """A small batch's dense CPU pieces from several units merged into one new tensor with
+    one numpy scatter per piece (as integer words, so every dtype goes). Single-threaded on
+    purpose: torch's intra-op threads made ``cat`` + ``index_select`` of 64 rows of 32 KB
+    take 14-22 ms on a busy 2-core host (0.4 ms this way). ``None``: not that case."""
+    if len(pieces) < 2 or n >= routing.SMALL:
+        return None
+    first = pieces[0][1]
+    if not isinstance(first, torch.Tensor) or first.is_nested or first.dim() == 0:
+        return None
+    shape, dtype = first.shape[1:], first.dtype
+    total = 0
+    for _, col in pieces:
+        if (
+            not isinstance(col, torch.Tensor)
+            or col.is_nested
+            or col.device.type != "cpu"
+            or col.dtype != dtype
+            or col.dim() == 0
+            or col.shape[1:] != shape
+        ):
+            return None
+        total += col.shape[0]
+    if total != n:
+        return None
+    out = torch.empty((n, *shape), dtype=dtype)
+    if out[0:1].numel() == 0:
+        return out
+    dst = word_rows(out).numpy()
+    for pos, col in pieces:
+        index = pos.numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos, dtype=np.int64)
+        dst[index] = word_rows(col.contiguous()).numpy()
+    return out
 
 
 def _from_list(rows: list[Any]) -> Any:

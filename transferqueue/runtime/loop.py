@@ -7,6 +7,7 @@ parent's thread does not exist there).
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import logging
@@ -73,12 +74,28 @@ class LoopThread:
                 "a synchronous transferqueue call was made from the runtime's own loop thread; "
                 "use the async client (tq.get_async_client()) there"
             )
-        future = self.submit(coro)
+        # a task and a bare lock, not run_coroutine_threadsafe: its chained futures and
+        # Condition cost ~30-50 us a call, a good part of a small put
+        done = _thread.allocate_lock()
+        done.acquire()
+        box: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            box.append(task)
+            task.add_done_callback(lambda _: done.release())
+
+        self.loop.call_soon_threadsafe(start)
         try:
-            return future.result(timeout)
+            if not done.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"the call did not finish within {timeout} s")
         except BaseException:  # Ctrl-C or timeout in the caller: the call must not go on
-            future.cancel()
+            self.loop.call_soon_threadsafe(lambda: box[0].cancel() if box else coro.close())
             raise
+        task = box[0]
+        if task.cancelled():
+            raise concurrent.futures.CancelledError()
+        return task.result()
 
 
 _lock = threading.Lock()

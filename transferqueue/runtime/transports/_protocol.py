@@ -34,7 +34,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +212,39 @@ class RequestStats:
         }
 
 
+async def _resume(coro: Any, yielded: Any) -> Any:
+    """Go on with coroutine ``coro`` whose first step (run by hand) yielded ``yielded``."""
+    return await _Resumed(coro, yielded)
+
+
+class _Resumed:
+    def __init__(self, coro: Any, yielded: Any) -> None:
+        self.coro, self.yielded = coro, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return _drive(self.coro, self.yielded)
+
+
+def _drive(coro: Any, yielded: Any) -> Generator[Any, Any, Any]:
+    """Everything the awaiting task sends or throws in is passed on to ``coro``."""
+    while True:
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # a cancellation (or another throw) goes on to it
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as finished:
+                return finished.value
+            continue
+        try:
+            yielded = coro.send(value)
+        except StopIteration as finished:
+            return finished.value
+
+
 class Dispatcher:
     """Server side: turns requests into method calls on the actor, and every outcome into
     a reply."""
@@ -301,10 +334,25 @@ class Dispatcher:
         try:
             if left is None and envelope.token is None:
                 return await fn(*args, **kwargs)
-            # a task of its own (it copies the context: the handler sees its deadline)
-            task = asyncio.ensure_future(fn(*args, **kwargs))
+            # most handlers finish without suspending: run the first step here, and only
+            # one that suspends goes on in a task of its own, under the deadline timer
+            # (no task, no timer for the rest: ~30 us less a call)
+            coro = fn(*args, **kwargs)
+            try:
+                first = coro.send(None)
+            except StopIteration as finished:
+                done, result = True, finished.value
+            else:
+                done, result = False, None
+                # the task copies the context: the handler sees its deadline
+                task = asyncio.ensure_future(_resume(coro, first))
         finally:
             _deadline.reset(reset)
+        if done:
+            # one loop turn before the reply, as a task of its own took: waiters this call
+            # woke (a commit's consumers) run before its caller hears back
+            await asyncio.sleep(0)
+            return result
         return await self._supervise(envelope, task, left)
 
     async def _supervise(
