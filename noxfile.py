@@ -25,7 +25,11 @@ TRANSPORTS = ("inproc", "zmq", "ray")
 #: the runs of the tests session: each transport's suite, and the 3-node Ray cluster's tests
 #: (tests/test_ray_multinode.py starts that cluster: it cannot share a process with the
 #: single-node cluster of the other ray tests)
-RUNS = (*TRANSPORTS, "multinode")
+#: (the longest first: with TQ_TEST_JOBS runs at a time, the others fill in beside it)
+RUNS = ("ray", "inproc", "zmq", "multinode")
+#: runs at a time by default: two on a 2-core machine keep both cores busy while one run
+#: waits on processes; four at once overloaded it enough to blow a 30 s test timeout
+DEFAULT_JOBS = 2
 
 #: the interpreter running nox: the environment README's pip command installed into
 PYTHON = sys.executable
@@ -42,10 +46,14 @@ def check_environment(session: nox.Session) -> None:
         )
 
 
+#: every run: no cache files in the checkout; the 15 slowest tests listed (where time goes)
+COMMON = ("-p", "no:cacheprovider", "--durations=15")
+
+
 def pytest_args(run: str, posargs: list[str]) -> list[str]:
     if run == "multinode":
-        return ["-m", "pytest", "-m", "multinode", "-p", "no:cacheprovider", *posargs]
-    args = ["-m", "pytest", f"--transport={run}", "-p", "no:cacheprovider", *posargs]
+        return ["-m", "pytest", "-m", "multinode", *COMMON, *posargs]
+    args = ["-m", "pytest", f"--transport={run}", *COMMON, *posargs]
     if run != "inproc":  # inproc also runs the transport-free unit tests
         args += ["-m", "transport"]
     return args
@@ -66,7 +74,7 @@ def tests(session: nox.Session) -> None:
     logged to a file that is printed when it ends. ``TQ_TEST_JOBS=1`` runs them one after
     the other."""
     check_environment(session)
-    jobs = max(1, int(os.environ.get("TQ_TEST_JOBS", len(RUNS))))
+    jobs = max(1, int(os.environ.get("TQ_TEST_JOBS", DEFAULT_JOBS)))
     logs = Path(tempfile.mkdtemp(prefix="tq-tests-"))
 
     def run(name: str) -> tuple[str, int, float]:
