@@ -23,7 +23,13 @@ from typing import Any
 
 from transferqueue.client import default
 from transferqueue.client.async_client import AsyncTransferQueueClient
-from transferqueue.client.connect import client_for, resolve, target_config
+from transferqueue.client.connect import (
+    CONTROLLER_NAME,
+    client_for,
+    controller_address,
+    resolve,
+    target_config,
+)
 from transferqueue.client.sync_facade import TransferQueueClient
 from transferqueue.config import Config, apply_env, load_config
 from transferqueue.controller.actor import ControllerActor
@@ -32,9 +38,6 @@ from transferqueue.runtime.loop import runtime_loop
 from transferqueue.runtime.transports import transport_class, worker_transport
 from transferqueue.runtime.transports.base import ActorHandle
 from transferqueue.storage.unit import StorageUnit
-
-#: the name the controller is spawned under (found by it where the transport names actors)
-CONTROLLER_NAME = "controller"
 
 
 class System:
@@ -138,7 +141,7 @@ def attach_system(config: Config) -> System:
 def _find_named_system(config: Config) -> Config | None:
     """Where the transport names actors (Ray), a controller started by init is found by
     its name: attach to it if it exists."""
-    address = transport_class(config.transport).find_named(CONTROLLER_NAME, config)
+    address = controller_address(config)
     if address is None:
         return None
     return runtime_loop().run(

@@ -58,6 +58,26 @@ def client_for(config: Config) -> AsyncTransferQueueClient:
     return AsyncTransferQueueClient(ActorRef(controller, config), units, config)
 
 
+#: the name a system's controller is spawned under (found by it where the transport names actors)
+CONTROLLER_NAME = "controller"
+
+
+def controller_address(config: Config) -> Address | None:
+    """The address of the controller ``config`` names: the one in ``config.system`` (an
+    address, or the text ``serve`` printed), else -- where the transport names actors (Ray) --
+    the running one found by its name; ``None`` when there is none."""
+    if config.system is None:
+        return transport_class(config.transport).find_named(CONTROLLER_NAME, config)
+    return _given_controller(config, config.system)
+
+
+def _given_controller(config: Config, info: Mapping[str, Any]) -> Address:
+    controller = info["controller"]
+    if isinstance(controller, str):  # the text `serve` printed: an endpoint of this transport
+        controller = {"transport": config.transport, "endpoint": controller}
+    return Address.from_plain(controller)
+
+
 async def resolve(config: Config) -> Config:
     """``config`` with ``system`` naming the controller and every unit: when it names only
     the controller, the controller is asked."""
@@ -66,10 +86,7 @@ async def resolve(config: Config) -> Config:
         raise ConfigError("config.system is empty: there is no running system to attach to")
     if "units" in info:
         return config
-    controller = info["controller"]
-    if isinstance(controller, str):
-        controller = {"transport": config.transport, "endpoint": controller}
-    ref = ActorRef(Address.from_plain(controller), config)
+    ref = ActorRef(_given_controller(config, info), config)
     try:
         full = await ref.call("system_info")
     finally:

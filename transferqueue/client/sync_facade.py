@@ -55,7 +55,7 @@ def _sync(
 
     @functools.wraps(method)
     def call(self: TransferQueueClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._loop.run(getattr(self.async_client, name)(*args, **kwargs))
+        return self.run(getattr(self.async_client, name)(*args, **kwargs))
 
     return call
 

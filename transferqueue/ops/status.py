@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transferqueue.config import Config, config_file_path, load_config
+from transferqueue.client.connect import controller_address, target_config
+from transferqueue.config import Config
 from transferqueue.errors import ConfigError, PartitionNotFoundError, TransferQueueError
 from transferqueue.runtime.transports import transport_class
 from transferqueue.runtime.transports._protocol import STATS
@@ -327,9 +328,7 @@ def attach_config(target: str | None) -> Config:
     a controller address (``tcp://...``, ``ipc://...``), a config file (a running ray
     system by its namespace, or one whose ``system`` names the controller); no target: the
     ray system of the default namespace."""
-    if target is not None and config_file_path(target) is None:
-        return load_config({"transport": "zmq", "system": {"controller": target}})
-    config = load_config(target) if target is not None else load_config({"transport": "ray"})
+    config = target_config(target if target is not None else {"transport": "ray"})
     if config.system is not None:
         return config
     if not transport_class(config.transport).names_actors:
@@ -342,12 +341,7 @@ def attach_config(target: str | None) -> Config:
 
 def controller_ref(config: Config) -> ActorRef:
     """A ref to the controller the config names (never starts a system)."""
-    if config.system is not None:
-        where = config.system["controller"]
-        if isinstance(where, str):
-            where = {"transport": config.transport, "endpoint": where}
-        return ActorRef(Address.from_plain(where), config)
-    address = transport_class(config.transport).find_named("controller", config)
+    address = controller_address(config)
     if address is None:
         raise TransferQueueError(
             f"no transferqueue system is running in ray namespace {config.ray.namespace!r}"
