@@ -150,3 +150,39 @@ def test_the_branch_finder_sees_one(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\nif config.transport == 'ray':\n    pass\n")
     assert transport_branches(bad) == [2]
+
+
+#: what an actor process imports to host the controller or a storage unit, and a client that
+#: only imports the package; none of them may pull in tensordict (~1.4 s: it loads
+#: torch._dynamo), which only the client's batch building and the codec's TensorDicts need
+LEAN_IMPORTS = {
+    "the controller's actor": "transferqueue.controller.actor",
+    "a storage unit's actor": "transferqueue.storage.unit",
+    "the zmq actor host": "transferqueue.runtime.transports.zmq_actor",
+    "the ray actor host": "transferqueue.runtime.transports.ray",
+    "the package alone": "transferqueue",
+}
+
+
+@pytest.mark.parametrize("module", LEAN_IMPORTS.values(), ids=LEAN_IMPORTS.keys())
+def test_actor_processes_start_without_tensordict(module: str) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('tensordict')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_package_names_resolve_on_first_use() -> None:
+    import transferqueue as tq
+
+    assert set(tq.__all__) <= set(dir(tq))
+    for name in tq.__all__:
+        assert getattr(tq, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tq.nope  # noqa: B018

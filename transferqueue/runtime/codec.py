@@ -32,11 +32,13 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import torch
-from tensordict import NonTensorData, NonTensorStack, TensorDict
+
+if TYPE_CHECKING:
+    from tensordict import NonTensorStack
 
 #: torch 2.13's ``torch.nested.nested_tensor_from_jagged`` (which decoding jagged fields and
 #: splitting jagged batches call) calls the deprecated ``torch.fx.is_fx_tracing``, which logs
@@ -82,6 +84,20 @@ _REGISTRY: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] = 
 _REGISTERED_NAMES: dict[type, str] = {}
 
 
+def _td() -> Any:
+    """The tensordict module, imported on first use. Importing it costs ~1.4 s (it loads
+    torch._dynamo); a process that never meets a TensorDict -- a controller or storage-unit
+    actor -- does not pay that at start-up. An object whose type comes from tensordict can
+    only exist once tensordict is imported, so the encoder asks for it only then."""
+    import tensordict
+
+    return tensordict
+
+
+def _from_tensordict(t: type) -> bool:
+    return t.__module__.startswith("tensordict")
+
+
 class _UnsupportedError(TypeError):
     """Raised inside the encoder; :func:`encode` turns it into a TypeError with a path."""
 
@@ -95,9 +111,15 @@ def register_type(
     same ``name``) rebuilds the object with ``from_plain(plain)``. Registering the same
     ``(cls, name)`` again replaces the functions.
     """
-    if cls in _SCALARS or cls in (int, list, tuple, dict, TensorDict, NonTensorData):
+    exact: tuple[type, ...] = (int, list, tuple, dict)
+    subclasses: tuple[type, ...] = (torch.Tensor,)
+    if any(_from_tensordict(c) for c in cls.__mro__):  # then tensordict is imported already
+        td = _td()
+        exact += (td.TensorDict, td.NonTensorData)
+        subclasses += (td.NonTensorStack,)
+    if cls in _SCALARS or cls in exact:
         raise ValueError(f"{cls.__qualname__} is encoded natively and cannot be registered")
-    if issubclass(cls, (torch.Tensor, NonTensorStack)):
+    if issubclass(cls, subclasses):
         raise ValueError(f"{cls.__qualname__} is encoded natively and cannot be registered")
     owner = _REGISTRY.get(name)
     if owner is not None and owner[0] is not cls:
@@ -145,12 +167,15 @@ class _Encoder:
             return [_MARKERS[_TUPLE], *o]
         if isinstance(o, torch.Tensor):
             return self.tensor(o)
-        if t is TensorDict:
-            return [_MARKERS[_TENSORDICT], list(o.batch_size), list(o.keys()), list(o.values())]
-        if t is NonTensorData:
-            return [_MARKERS[_NON_TENSOR], o.data, list(o.batch_size)]
-        if t is NonTensorStack:
-            return [_MARKERS[_NON_TENSOR_STACK], o.tolist(), list(o.batch_size)]
+        if _from_tensordict(t):
+            td = _td()
+            if t is td.TensorDict:
+                keys = list(o.keys())
+                return [_MARKERS[_TENSORDICT], list(o.batch_size), keys, list(o.values())]
+            if t is td.NonTensorData:
+                return [_MARKERS[_NON_TENSOR], o.data, list(o.batch_size)]
+            if t is td.NonTensorStack:
+                return [_MARKERS[_NON_TENSOR_STACK], o.tolist(), list(o.batch_size)]
         name = _REGISTERED_NAMES.get(t)
         if name is not None:
             return [_MARKERS[_REGISTERED], name, _REGISTRY[name][1](o)]
@@ -235,12 +260,14 @@ def _children(o: Any) -> list[tuple[str, Any]] | None:
         return [(f"[{i}]", x) for i, x in enumerate(o)]
     if t is dict:
         return [item for k, v in o.items() for item in ((f" (key {k!r})", k), (f"[{k!r}]", v))]
-    if t is TensorDict:
-        return [(f"[{k!r}]", v) for k, v in o.items()]
-    if t is NonTensorData:
-        return [(".data", o.data)]
-    if t is NonTensorStack:
-        return [(".tolist()", o.tolist())]
+    if _from_tensordict(t):
+        td = _td()
+        if t is td.TensorDict:
+            return [(f"[{k!r}]", v) for k, v in o.items()]
+        if t is td.NonTensorData:
+            return [(".data", o.data)]
+        if t is td.NonTensorStack:
+            return [(".tolist()", o.tolist())]
     name = _REGISTERED_NAMES.get(t)
     if name is not None:
         return [(f"<{name}>", _REGISTRY[name][1](o))]
@@ -374,9 +401,9 @@ def _rebuild(items: list[Any]) -> Any:
         return tuple(items[1:])
     if code == _TENSORDICT:
         _, batch_size, keys, values = items
-        return TensorDict(dict(zip(keys, values, strict=True)), batch_size=batch_size)
+        return _td().TensorDict(dict(zip(keys, values, strict=True)), batch_size=batch_size)
     if code == _NON_TENSOR:
-        return NonTensorData(items[1], batch_size=items[2])
+        return _td().NonTensorData(items[1], batch_size=items[2])
     if code == _NON_TENSOR_STACK:
         return _non_tensor_stack(items[1], items[2])
     if code == _JAGGED:
@@ -396,6 +423,7 @@ def _rebuild(items: list[Any]) -> Any:
 
 
 def _non_tensor_stack(items: list[Any], batch_size: list[int]) -> NonTensorStack:
+    td = _td()
     if len(batch_size) == 1:
-        return NonTensorStack(*[NonTensorData(x, batch_size=[]) for x in items])
-    return NonTensorStack(*[_non_tensor_stack(x, batch_size[1:]) for x in items])
+        return td.NonTensorStack(*[td.NonTensorData(x, batch_size=[]) for x in items])
+    return td.NonTensorStack(*[_non_tensor_stack(x, batch_size[1:]) for x in items])
