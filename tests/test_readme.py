@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from doc_examples import ROOT, python_blocks, run_block
+from doc_examples import ROOT, python_blocks, run_here
 
 
-def test_readme_python_examples_run(python_env) -> None:
+def test_readme_python_examples_run() -> None:
     blocks = python_blocks(ROOT / "README.md")
     assert blocks, "README.md should show a runnable example"
-    for code in blocks:
-        proc = run_block(code, python_env)
-        assert proc.returncode == 0, proc.stderr
+    for i, code in enumerate(blocks):
+        run_here(code, f"README.md, python block {i}")
