@@ -40,9 +40,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests over the transports carry the ``transport`` mark; so do the Ray-only tests (they
+    use ``ray_cluster`` without ``transport_name``), which run with the ray transport's suite
+    -- on the cluster it starts anyway -- and are left out when ray is not selected."""
+    with_ray = "ray" in selected_transports(config)
+    kept, dropped = [], []
     for item in items:
-        if "transport_name" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "transport_name" in names or "ray_cluster" in names:
             item.add_marker(pytest.mark.transport)
+        ray_only = "ray_cluster" in names and "transport_name" not in names
+        (dropped if ray_only and not with_ray else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")
