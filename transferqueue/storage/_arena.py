@@ -64,8 +64,8 @@ def gather_dense(
     """``buffer[slots]``: a view for a range of slots, else a new tensor (``index_select``).
 
     ``contiguous``: ``is_range(slots)`` when the caller knows it already. A view shares the
-    buffer's memory: the store copies a buffer before writing into it while views of it
-    are alive (see ``_field.shared``)."""
+    buffer's memory: the store never writes into cells a live view shows (see
+    :mod:`._overlay`)."""
     if is_range(slots) if contiguous is None else contiguous:
         s0 = int(slots[0])
         return buffer[s0 : s0 + len(slots)]

@@ -17,8 +17,8 @@ Columns on read (``read`` returns ``{field: column}`` in the requested row order
 
 * ``torch.Tensor`` ``(len(rows), *row_shape)`` for a field never written per row whose
   requested rows share one shape -- a view of the buffer for a range of slots (read-only
-  for the caller: the store copies a buffer before writing into it while views of it
-  live), else one ``index_select`` per field;
+  for the caller: while views live, writes put the cells they rewrite elsewhere, see
+  :mod:`._overlay`), else one ``index_select`` per field;
 * a jagged nested tensor (``torch.nested.nested_tensor_from_jagged``) for a field written
   per row (list or nested tensor), also when the requested rows happen to agree -- one
   gather of its packed values;
