@@ -244,7 +244,8 @@ class Store:
             if col.dtype is not None:  # a tensor column: the field's one dtype
                 target = col.dtype
                 for other in (floors.get(name), held.dtype if held is not None else None):
-                    target = target if other is None else torch.promote_types(target, other)
+                    if other is not None and other != target:  # a torch call: only if needed
+                        target = torch.promote_types(target, other)
                 col = cols[name] = col.cast(target)
                 if held is not None and held.dtype != target:
                     promote[name] = target
