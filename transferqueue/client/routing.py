@@ -164,9 +164,14 @@ def take(column: Any, positions: Any, found: list[tuple[int, int]] | None = None
             return [rows[i] for i in pos.tolist()]
         if one_run:  # a slice: no copy (the store copies on write)
             return column[int(pos[0]) : int(pos[0]) + pos.numel()]
-        views_at = _piece_runs(pos, column[0:1].nbytes * pos.numel(), found)
+        share = column[0:1].nbytes * pos.numel()
+        views_at = _piece_runs(pos, share, found)
         if views_at is not None:
             return {"pieces": [column[a : a + k] for a, k in views_at]}
+        if pos.numel() >= SMALL and share >= memory.HUGE_MIN_BYTES:
+            long_runs = runs(pos) if found is None else found
+            if len(long_runs) * 8 <= pos.numel():  # too many runs to send as views
+                return _gather_runs(column, long_runs, pos.numel())
         return _select(column, pos)
     if isinstance(column, (list, tuple)):
         return [column[i] for i in pos.tolist()]
@@ -184,6 +189,18 @@ def _as_jagged(col: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     if col.is_nested or col.dim() < 2:
         return None
     return col.flatten(0, 1), torch.full((col.shape[0],), col.shape[1], dtype=torch.int64)
+
+
+def _gather_runs(column: torch.Tensor, found: list[tuple[int, int]], n: int) -> torch.Tensor:
+    """The runs of ``column`` packed into one pooled buffer (pages already touched), one
+    slice copy per run: past ``MAX_PIECES`` runs a big share is still one copy at memcpy
+    speed, not an indexed gather into fresh pages (a throughput cliff of 3x)."""
+    out = _output((n, *column.shape[1:]), column.dtype, column.device)
+    i = 0
+    for start, k in found:
+        out[i : i + k].copy_(column[start : start + k])
+        i += k
+    return out
 
 
 def _select(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -9,21 +9,41 @@ half of the buffer is garbage and the buffer would otherwise have to grow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from transferqueue.runtime import memory
 
 _LONG_ROW = 256  # average entries per row from which a cat of slices beats an index
 
-__all__ = ["JaggedArena", "gather_dense", "gather_jagged", "is_range", "offsets_of"]
+__all__ = [
+    "JaggedArena",
+    "gather_dense",
+    "gather_jagged",
+    "index_tensor",
+    "is_range",
+    "offsets_of",
+]
 
 
-def is_range(slots: torch.Tensor) -> bool:
-    """Whether ``slots`` is ``s0, s0+1, ..., s0+n-1`` (then a slice replaces a gather)."""
-    n = slots.numel()
+def is_range(slots: torch.Tensor | np.ndarray) -> bool:
+    """Whether ``slots`` (1-D, a tensor or a numpy array) is ``s0, s0+1, ..., s0+n-1``
+    (then a slice replaces a gather)."""
+    n = len(slots)
     if n == 0 or int(slots[-1]) - int(slots[0]) != n - 1:
         return False
-    return n < 3 or bool((slots.diff() == 1).all())
+    if n < 3:
+        return True
+    if isinstance(slots, np.ndarray):
+        return bool((np.diff(slots) == 1).all())
+    return bool((slots.diff() == 1).all())
+
+
+def index_tensor(slots: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``slots`` as an int64 tensor for torch's index ops (a numpy array is not copied)."""
+    return torch.from_numpy(slots) if isinstance(slots, np.ndarray) else slots
 
 
 def word_rows(t: torch.Tensor) -> torch.Tensor:
@@ -39,20 +59,21 @@ def word_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_dense(
-    buffer: torch.Tensor, slots: torch.Tensor, contiguous: bool | None = None
+    buffer: torch.Tensor, slots: torch.Tensor | np.ndarray, contiguous: bool | None = None
 ) -> torch.Tensor:
     """``buffer[slots]``: a view for a range of slots, else a new tensor (``index_select``).
 
     ``contiguous``: ``is_range(slots)`` when the caller knows it already. A view shares the
-    buffer's memory: the store copies a buffer before writing into it while views of it
-    are alive (see ``_field.shared``)."""
+    buffer's memory: the store never writes into cells a live view shows (see
+    :mod:`._overlay`)."""
     if is_range(slots) if contiguous is None else contiguous:
         s0 = int(slots[0])
-        return buffer[s0 : s0 + slots.numel()]
+        return buffer[s0 : s0 + len(slots)]
+    n = len(slots)
     if buffer[0:1].numel() == 0:
-        return buffer.new_empty((slots.numel(), *buffer.shape[1:]))
-    words = word_rows(buffer).index_select(0, slots)
-    return words.view(torch.uint8).view(buffer.dtype).view(slots.numel(), *buffer.shape[1:])
+        return buffer.new_empty((n, *buffer.shape[1:]))
+    words = word_rows(buffer).index_select(0, index_tensor(slots))
+    return words.view(torch.uint8).view(buffer.dtype).view(n, *buffer.shape[1:])
 
 
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -90,14 +111,17 @@ def gather_jagged(
 
 
 class JaggedArena:
-    """The jagged rows (one ``trail`` shape and dtype) of one field in one partition."""
+    """The jagged rows (one ``trail`` shape and dtype) of one field in one partition.
+
+    ``start`` / ``length`` per slot are numpy arrays (indexing a few slots costs ~1 us in
+    numpy, 5-10 us per torch call); slots are numpy int64 arrays."""
 
     def __init__(self, trail: tuple[int, ...], dtype: torch.dtype) -> None:
         self.trail = trail
         self.dtype = dtype
         self.values = torch.empty((0, *trail), dtype=dtype)
-        self.start = torch.zeros(0, dtype=torch.int64)
-        self.length = torch.zeros(0, dtype=torch.int64)
+        self.start = np.zeros(0, dtype=np.int64)
+        self.length = np.zeros(0, dtype=np.int64)
         self.end = 0  # values[:end] are used (live rows and garbage)
         self.live = 0  # elements (first-dim entries) in live rows
         self.elem_bytes = torch.empty((1, *trail), dtype=dtype).nbytes
@@ -111,11 +135,11 @@ class JaggedArena:
     def accepts(self, trail: tuple[int, ...], dtype: torch.dtype) -> bool:
         return trail == self.trail and dtype == self.dtype
 
-    def nbytes_at(self, slots: torch.Tensor) -> int:
+    def nbytes_at(self, slots: np.ndarray) -> int:
         """Bytes of the rows at ``slots`` (all held here)."""
         return int(self.length[slots].sum()) * self.elem_bytes
 
-    def release(self, slots: torch.Tensor) -> int:
+    def release(self, slots: np.ndarray) -> int:
         """Forget the rows at ``slots`` (all held here); returns their bytes."""
         n = int(self.length[slots].sum())
         self.length[slots] = 0
@@ -124,44 +148,49 @@ class JaggedArena:
 
     def append(
         self,
-        slots: torch.Tensor,
+        slots: np.ndarray,
         parts: list[torch.Tensor],
         lengths: torch.Tensor,
-        live_slots: torch.Tensor,
+        live_slots: Callable[[], np.ndarray],
     ) -> None:
         """Store rows (``parts`` concatenated, split by ``lengths``) at empty ``slots``.
 
-        ``live_slots`` lists the slots already held here (used when compacting).
+        ``live_slots()`` lists the slots already held here (asked for only to compact).
         """
-        total = int(lengths.sum())
+        lens = lengths.numpy()
+        total = int(lens.sum())
         self._reserve(total, live_slots)
         dst = self.values[self.end : self.end + total]
-        if all(p.device.type == "cpu" for p in parts):
+        if len(parts) == 1:
+            dst.copy_(parts[0])
+        elif all(p.device.type == "cpu" for p in parts):
             torch.cat(parts, out=dst)
         else:
             dst.copy_(torch.cat(parts))
         need = int(slots.max()) + 1
-        if need > self.start.numel():
-            size = max(need, 2 * self.start.numel())
+        if need > self.start.size:
+            size = max(need, 2 * self.start.size)
             self.start = _grown(self.start, size)
             self.length = _grown(self.length, size)
-        self.start[slots] = self.end + offsets_of(lengths)[:-1]
-        self.length[slots] = lengths
+        self.start[slots] = self.end + np.cumsum(lens) - lens
+        self.length[slots] = lens
         self.end += total
         self.live += total
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, offsets)`` of the rows at ``slots`` (all held here), in that order."""
-        return gather_jagged(self.values, self.start[slots], self.length[slots])
+        starts = torch.from_numpy(self.start[slots])
+        return gather_jagged(self.values, starts, torch.from_numpy(self.length[slots]))
 
-    def _reserve(self, total: int, live_slots: torch.Tensor) -> None:
+    def _reserve(self, total: int, live_slots: Callable[[], np.ndarray]) -> None:
         cap = self.values.shape[0]
         if self.end + total <= cap:
             return
         if self.end - self.live > self.live:  # mostly garbage: compact instead of growing
-            values, offsets = self.gather(live_slots)
+            live = live_slots()
+            values, offsets = self.gather(live)
             self.values, self.end = values, self.live
-            self.start[live_slots] = offsets[:-1]
+            self.start[live] = offsets[:-1].numpy()
             cap = values.shape[0]
             if self.end + total <= cap:
                 return
@@ -170,7 +199,7 @@ class JaggedArena:
         self.values = grown
 
 
-def _grown(t: torch.Tensor, size: int) -> torch.Tensor:
-    out = torch.zeros(size, dtype=t.dtype)
-    out[: t.numel()] = t
+def _grown(a: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=a.dtype)
+    out[: a.size] = a
     return out

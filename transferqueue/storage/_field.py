@@ -1,17 +1,16 @@
 """One field of one partition in a :class:`~transferqueue.storage.store.Store`.
 
-A cell lives in one of three places, recorded per slot in ``Field.state``:
+A cell lives in one of four places, recorded per slot in ``Field.state``:
 
 * ``DENSE``: a contiguous buffer ``(slots, *row_shape)`` (fixed-shape fields);
+* ``MOVED``: the buffer's :class:`~._overlay.Overlay`, for a dense cell rewritten while a
+  view of the buffer was alive (copy on write of that cell alone);
 * ``JAGGED``: a :class:`JaggedArena` (rows that share all dims but the first);
 * ``CELL``: a per-slot dict (non-tensor values, and tensors that fit neither).
 """
 
 from __future__ import annotations
 
-import copy
-import sys
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,89 +18,36 @@ import torch
 
 from transferqueue.errors import SchemaError
 from transferqueue.runtime import memory
-from transferqueue.storage._arena import JaggedArena, gather_dense, is_range, word_rows
+from transferqueue.storage._arena import JaggedArena, gather_dense
+from transferqueue.storage._input import (
+    FieldData,
+    as_rows,
+    copy_value,
+    dense_rows,
+    lo_hi,
+    row_array,
+    tensor_nbytes,
+    value_nbytes,
+)
+from transferqueue.storage._overlay import Overlay, row_nbytes, scatter
 from transferqueue.storage._pool import BufferPool
 
-ABSENT, DENSE, JAGGED, CELL = 0, 1, 2, 3
-MAX_ROW = 2**31 - 1
-_IMMUTABLE = (str, bytes, int, float, bool, complex, type(None))
+ABSENT, DENSE, JAGGED, CELL, MOVED = 0, 1, 2, 3, 4
 
-
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def value_nbytes(value: Any) -> int:
-    """Rough size of a non-tensor value."""
-    if isinstance(value, (str, bytes, bytearray)):
-        return len(value)
-    if isinstance(value, torch.Tensor):
-        return tensor_nbytes(value)
-    return sys.getsizeof(value)
-
-
-def copy_value(value: Any) -> Any:
-    return value if type(value) in _IMMUTABLE else copy.deepcopy(value)
-
-
-def _rows_tensor(rows: Any) -> torch.Tensor:
-    if isinstance(rows, torch.Tensor):
-        return rows
-    if isinstance(rows, range):
-        return torch.arange(rows.start, rows.stop, rows.step, dtype=torch.int64)
-    try:  # numpy converts a list of ints several times faster than torch does
-        arr = np.asarray(rows)
-    except (TypeError, ValueError) as exc:
-        raise SchemaError(f"rows must be a list or 1-D tensor of ints: {exc}") from None
-    if arr.size == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    if arr.dtype.kind not in "iu":
-        raise SchemaError(f"rows must be integers, got {arr.dtype} values")
-    return torch.from_numpy(arr.astype(np.int64, copy=False))
-
-
-def as_rows(rows: Any, unique: bool) -> torch.Tensor:
-    """``rows`` as a 1-D int64 CPU tensor of valid row ids; SchemaError otherwise."""
-    t = _rows_tensor(rows)
-    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
-        raise SchemaError(f"rows must be integers, got dtype {t.dtype}")
-    if t.dim() != 1:
-        raise SchemaError(f"rows must be 1-D, got shape {tuple(t.shape)}")
-    t = t.to(device="cpu", dtype=torch.int64)
-    if t.numel() == 0:
-        return t
-    lo_t, hi_t = torch.aminmax(t)
-    lo, hi = int(lo_t), int(hi_t)
-    if lo < 0 or hi > MAX_ROW:
-        raise SchemaError(f"rows must be in [0, {MAX_ROW}], got values in [{lo}, {hi}]")
-    if unique and torch.unique(t).numel() != t.numel():
-        raise SchemaError("rows of one write must be unique")
-    return t
-
-
-def _scatter(
-    buffer: torch.Tensor, slots: torch.Tensor, src: torch.Tensor | list[torch.Tensor]
-) -> None:
-    """``buffer[slots] = src`` for every dtype (``index_copy_`` on a byte view); ``src`` may
-    be consecutive chunks (copied one by one into a range of slots: no concatenation)."""
-    if is_range(slots):
-        s0 = int(slots[0])
-        for chunk in _tensors(src):
-            buffer[s0 : s0 + chunk.shape[0]].copy_(chunk)
-            s0 += chunk.shape[0]
-        return
-    if buffer[0].numel() == 0:
-        return
-    word_rows(buffer).index_copy_(0, slots, word_rows(dense_rows(src).to("cpu").contiguous()))
-
-
-def _tensors(data: Any) -> list[torch.Tensor]:
-    return [data] if isinstance(data, torch.Tensor) else list(data)
-
-
-def dense_rows(data: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """A dense column given as one tensor or as consecutive chunks, as one tensor."""
-    return data if isinstance(data, torch.Tensor) else torch.cat(data)
+__all__ = [
+    "ABSENT",
+    "CELL",
+    "DENSE",
+    "JAGGED",
+    "MOVED",
+    "Copies",
+    "Field",
+    "FieldData",
+    "as_rows",
+    "lo_hi",
+    "row_array",
+    "shared",
+]
 
 
 def shared(buffer: torch.Tensor) -> bool:
@@ -129,162 +75,60 @@ def _fit(
     return grown
 
 
-def _uniform(items: list[torch.Tensor]) -> bool:
-    """Whether per-row tensors can be packed jagged (same ndim >= 1, same trailing dims)."""
-    first = items[0]
-    trail = first.shape[1:]
-    return first.dim() >= 1 and all(t.dim() == first.dim() and t.shape[1:] == trail for t in items)
+class Copies:
+    """Bytes the dense writes of one store copied (its data, growth into bigger buffers,
+    overlay cells folded back; see :mod:`._overlay`): what tests of copy on write count."""
 
-
-@dataclass(frozen=True)
-class FieldData:
-    """A validated column of one write (its data not copied yet).
-
-    ``kind``: ``"dense"`` (``data`` a tensor), ``"jagged"`` (``data`` tensors whose
-    concatenation holds the rows, split by ``lengths``), ``"rows"`` (``data`` per-row tensors
-    of differing ndim or trailing dims) or ``"values"`` (``data`` a list of values).
-    """
-
-    kind: str
-    data: Any
-    nbytes: int
-    dtype: torch.dtype | None = None
-    lengths: torch.Tensor | None = None
-
-    @property
-    def is_tensor(self) -> bool:
-        return self.kind != "values"
-
-    def cast(self, dtype: torch.dtype) -> FieldData:
-        """This column in ``dtype`` (a tensor column; itself when it is in it already)."""
-        if self.dtype is None or self.dtype == dtype:
-            return self
-        data = (
-            self.data.to(dtype)
-            if isinstance(self.data, torch.Tensor)
-            else [t.to(dtype) for t in self.data]
-        )
-        nbytes = sum(tensor_nbytes(t) for t in _tensors(data))
-        return FieldData(self.kind, data, nbytes, dtype, self.lengths)
-
-    @staticmethod
-    def from_column(name: str, col: Any, n: int) -> FieldData:
-        if isinstance(col, dict):
-            return FieldData._from_pieces(name, col, n)
-        if isinstance(col, torch.Tensor) and col.is_nested:
-            return FieldData._from_nested(name, col.detach(), n)
-        if isinstance(col, torch.Tensor):
-            if col.dim() == 0 or col.shape[0] != n:
-                raise SchemaError(
-                    f"field {name!r}: tensor of shape {tuple(col.shape)} does not have "
-                    f"one entry per row ({n} rows)"
-                )
-            return FieldData("dense", col.detach(), tensor_nbytes(col), col.dtype)
-        if isinstance(col, (list, tuple)):
-            return FieldData._from_list(name, list(col), n)
-        raise SchemaError(
-            f"field {name!r}: a column must be a tensor, a nested tensor or a list, "
-            f"got {type(col).__name__}"
-        )
-
-    @staticmethod
-    def _from_pieces(name: str, col: dict[str, Any], n: int) -> FieldData:
-        """A column sent in runs (views of a caller's batch, see
-        :func:`~transferqueue.client.routing.take`): ``{"pieces": [tensor, ...]}`` dense
-        rows, or ``{"values": [tensor, ...], "lengths": tensor}`` jagged rows packed."""
-        keys = sorted(col)
-        parts = col.get("pieces") if keys == ["pieces"] else col.get("values")
-        lengths = col.get("lengths") if keys == ["lengths", "values"] else None
-        ok = keys == ["pieces"] or isinstance(lengths, torch.Tensor)
-        if not (ok and isinstance(parts, list) and parts):
-            raise SchemaError(
-                f"field {name!r}: a dict column is {{'pieces': [tensor, ...]}} or "
-                f"{{'values': [tensor, ...], 'lengths': tensor}}; got keys {keys}"
-            )
-        if not all(isinstance(t, torch.Tensor) and not t.is_nested and t.dim() for t in parts):
-            raise SchemaError(f"field {name!r}: pieces must be plain tensors of rank >= 1")
-        if len({(t.dtype, tuple(t.shape[1:])) for t in parts}) != 1:
-            raise SchemaError(f"field {name!r}: pieces differ in dtype or trailing shape")
-        total = sum(t.shape[0] for t in parts)
-        nbytes = sum(tensor_nbytes(t) for t in parts)
-        parts = [t.detach() for t in parts]
-        if lengths is None:
-            if total != n:
-                raise SchemaError(f"field {name!r}: pieces hold {total} rows for {n} rows")
-            return FieldData("dense", parts, nbytes, parts[0].dtype)
-        lengths = lengths.to("cpu", torch.int64)
-        if lengths.dim() != 1 or lengths.numel() != n:
-            raise SchemaError(f"field {name!r}: lengths must hold one entry per row ({n} rows)")
-        if bool((lengths < 0).any()) or int(lengths.sum()) != total:
-            raise SchemaError(f"field {name!r}: lengths do not add up to the {total} values sent")
-        return FieldData("jagged", parts, nbytes, parts[0].dtype, lengths)
-
-    @staticmethod
-    def _from_nested(name: str, col: torch.Tensor, n: int) -> FieldData:
-        simple = getattr(col, "_lengths", None) is None and getattr(col, "_ragged_idx", 1) == 1
-        if col.layout != torch.jagged or not simple:
-            return FieldData._from_list(name, list(col.unbind()), n)
-        if col.size(0) != n:
-            raise SchemaError(f"field {name!r} has {col.size(0)} entries for {n} rows")
-        offsets: torch.Tensor = col.offsets().cpu()  # type: ignore[attr-defined]
-        start, end = int(offsets[0]), int(offsets[-1])
-        values = col.values()[start:end]
-        return FieldData("jagged", [values], tensor_nbytes(values), col.dtype, offsets.diff())
-
-    @staticmethod
-    def _from_list(name: str, items: list[Any], n: int) -> FieldData:
-        if len(items) != n:
-            raise SchemaError(f"field {name!r} has {len(items)} entries for {n} rows")
-        n_tensors = sum(isinstance(x, torch.Tensor) for x in items)
-        if n_tensors == 0:
-            return FieldData("values", items, sum(value_nbytes(v) for v in items))
-        if n_tensors != n:
-            raise SchemaError(f"field {name!r} mixes tensors and non-tensor values")
-        dtypes = {t.dtype for t in items}
-        if len(dtypes) != 1 or any(t.is_nested for t in items):
-            raise SchemaError(
-                f"field {name!r}: per-row tensors must be plain tensors of one dtype, "
-                f"got dtypes {sorted(str(d) for d in dtypes)}"
-            )
-        rows = [t.detach() for t in items]
-        nbytes = sum(tensor_nbytes(t) for t in rows)
-        if _uniform(rows):
-            lengths = torch.tensor([t.shape[0] for t in rows], dtype=torch.int64)
-            return FieldData("jagged", rows, nbytes, rows[0].dtype, lengths)
-        return FieldData("rows", rows, nbytes, rows[0].dtype)
+    def __init__(self) -> None:
+        self.nbytes = 0
 
 
 class Field:
-    """The cells of one field in one partition."""
+    """The cells of one field in one partition. Slots are 1-D int64 numpy arrays (numpy
+    indexes a few slots in ~1 us, torch in 5-10 us per call)."""
 
     def __init__(
-        self, is_tensor: bool, dtype: torch.dtype | None, pool: BufferPool | None = None
+        self,
+        is_tensor: bool,
+        dtype: torch.dtype | None,
+        pool: BufferPool | None = None,
+        copies: Copies | None = None,
     ) -> None:
         self.pool = BufferPool() if pool is None else pool
+        self.copies = Copies() if copies is None else copies
         self.is_tensor = is_tensor
         self.dtype = dtype
         self.jagged = False  # written per row at least once: reads never stack it
-        self.state = torch.zeros(0, dtype=torch.uint8)
+        self.state = np.zeros(0, dtype=np.uint8)
         self.buffer: torch.Tensor | None = None
         self.written = 0  # slots below this were written (and may have been read as views)
+        self.overlay: Overlay | None = None  # cells rewritten while views were alive
         self.arena: JaggedArena | None = None
         self.cells: dict[int, Any] = {}
         self.count = 0
-        self.dense_count = 0
+        self.dense_count = 0  # DENSE and MOVED cells
         self.jagged_count = 0
         self.nbytes = 0
 
     def _row_bytes(self) -> int:
-        return 0 if self.buffer is None else tensor_nbytes(self.buffer[0])
+        return 0 if self.buffer is None else row_nbytes(self.buffer)
 
     def _cell_bytes(self, cell: Any) -> int:
         return tensor_nbytes(cell) if self.is_tensor else value_nbytes(cell)
 
-    def states(self, slots: torch.Tensor) -> torch.Tensor:
-        cap = self.state.numel()
-        if slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < cap):
+    @property
+    def moved(self) -> int:
+        """Cells held in the overlay."""
+        return 0 if self.overlay is None else self.overlay.count
+
+    def states(self, slots: np.ndarray) -> np.ndarray:
+        cap = self.state.size
+        if slots.size == 0:
+            return np.zeros(0, dtype=np.uint8)
+        lo, hi = lo_hi(slots)
+        if lo >= 0 and hi < cap:
             return self.state[slots]
-        out = torch.zeros(slots.shape, dtype=torch.uint8)
+        out = np.zeros(slots.shape, dtype=np.uint8)
         ok = (slots >= 0) & (slots < cap)
         out[ok] = self.state[slots[ok]]
         return out
@@ -317,6 +161,8 @@ class Field:
             )  # converts (a pooled one may be longer)
             self.pool.give(self.buffer)
             self.buffer, self.written = grown, 0
+            self._fold()  # into the new buffer, which no view shares
+            self.overlay = None
         if self.arena is not None:
             self.arena.promote(dtype)
         self.cells = {s: c.to(dtype) for s, c in self.cells.items()}
@@ -324,31 +170,42 @@ class Field:
         self.nbytes = after
         return after - before
 
-    def bytes_at(self, slots: torch.Tensor) -> int:
+    def bytes_at(self, slots: np.ndarray) -> int:
         """Bytes held at ``slots`` (unique)."""
         st = self.states(slots)
-        nbytes = int((st == DENSE).sum()) * self._row_bytes()
+        nbytes = int(np.count_nonzero((st == DENSE) | (st == MOVED))) * self._row_bytes()
         if self.arena is not None:
             nbytes += self.arena.nbytes_at(slots[st == JAGGED])
-        return nbytes + sum(self._cell_bytes(self.cells[s]) for s in slots[st == CELL].tolist())
+        if self.cells:
+            nbytes += sum(self._cell_bytes(self.cells[s]) for s in slots[st == CELL].tolist())
+        return nbytes
 
-    def release(self, slots: torch.Tensor) -> int:
+    def release(self, slots: np.ndarray) -> int:
         """Empty the cells at ``slots`` (unique); returns the bytes they held."""
         if self.count == 0:  # a new field (or one cleared): nothing to look at
             return 0
         st = self.states(slots)
-        held = st != ABSENT
-        n_dense = int((st == DENSE).sum())
+        held = slots[st != ABSENT]
+        if held.size == 0:
+            return 0
+        n_moved = 0
+        if self.overlay is not None and self.overlay.count:
+            moved = slots[st == MOVED]
+            n_moved = moved.size
+            if n_moved:
+                self.overlay.drop(moved)
+        n_dense = int(np.count_nonzero(st == DENSE)) + n_moved
         freed = n_dense * self._row_bytes()
-        jagged = slots[st == JAGGED]
-        if self.arena is not None and jagged.numel():
+        jagged = slots[st == JAGGED] if self.jagged_count else slots[:0]
+        if self.arena is not None and jagged.size:
             freed += self.arena.release(jagged)
-        for s in slots[st == CELL].tolist():
-            freed += self._cell_bytes(self.cells.pop(s))
-        self.state[slots[held]] = ABSENT
-        self.count -= int(held.sum())
+        if self.cells:
+            for s in slots[st == CELL].tolist():
+                freed += self._cell_bytes(self.cells.pop(s))
+        self.state[held] = ABSENT
+        self.count -= held.size
         self.dense_count -= n_dense
-        self.jagged_count -= jagged.numel()
+        self.jagged_count -= jagged.size
         self.nbytes -= freed
         return freed
 
@@ -357,20 +214,22 @@ class Field:
         if self.dense_count == 0:
             self.pool.give(self.buffer)
             self.buffer = None
+            self.overlay = None
             self.written = 0
         if self.jagged_count == 0:
             self.arena = None
 
-    def write(self, slots: torch.Tensor, col: FieldData) -> None:
+    def write(self, slots: np.ndarray, col: FieldData) -> None:
         """Store ``col`` at ``slots``, which must be empty (see :meth:`release`)."""
-        need = int(slots.max()) + 1
-        cap = self.state.numel()
+        lo, hi = lo_hi(slots)
+        need = hi + 1
+        cap = self.state.size
         if need > cap:
-            grown = torch.zeros(max(need, 2 * cap), dtype=torch.uint8)
+            grown = np.zeros(max(need, 2 * cap), dtype=np.uint8)
             grown[:cap] = self.state
             self.state = grown
         if col.kind == "dense":
-            self._write_dense(slots, col.data)
+            self._write_dense(slots, col.data, lo, need)
         elif col.kind == "jagged" and col.lengths is not None:
             self.jagged = True
             self._write_jagged(slots, col.data, col.lengths)
@@ -379,37 +238,96 @@ class Field:
             self._write_cells(slots, [t.to("cpu", copy=True) for t in col.data])
         else:
             self._write_cells(slots, [copy_value(v) for v in col.data])
-        self.count += slots.numel()
+        self.count += slots.size
         self.nbytes += col.nbytes
 
-    def _write_dense(self, slots: torch.Tensor, chunks: torch.Tensor | list[torch.Tensor]) -> None:
-        first = _tensors(chunks)[0]
+    def settle(self) -> None:
+        """Fold the overlay back into the buffer once no view of the buffer is alive."""
+        if self.moved and self.buffer is not None and not shared(self.buffer):
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.overlay is None or self.buffer is None or not self.overlay.count:
+            return
+        rows = np.flatnonzero(self.overlay.slot_of[: self.overlay.used] >= 0)
+        self.state[self.overlay.slot_of[rows]] = DENSE
+        self.copies.nbytes += self.overlay.fold_into(self.buffer)
+
+    def _write_dense(
+        self, slots: np.ndarray, chunks: torch.Tensor | list[torch.Tensor], lo: int, need: int
+    ) -> None:
+        first = chunks if isinstance(chunks, torch.Tensor) else chunks[0]
         row_shape = tuple(first.shape[1:])
         buf = self.buffer
-        fits = buf is None or tuple(buf.shape[1:]) == row_shape or self.dense_count == 0
-        if self.jagged or not fits:  # store these rows jagged (or one by one)
-            data = dense_rows(chunks)
-            if data.dim() >= 2:
-                lengths = torch.full((data.shape[0],), data.shape[1], dtype=torch.int64)
-                self._write_jagged(slots, [data.flatten(0, 1)], lengths)
-            else:
-                self._write_cells(slots, list(data.to("cpu", copy=True).unbind(0)))
+        same = buf is not None and tuple(buf.shape[1:]) == row_shape
+        if self.jagged or not (buf is None or same or self.dense_count == 0):
+            self._write_dense_elsewhere(slots, dense_rows(chunks))  # jagged (or one by one)
             return
-        if buf is not None and tuple(buf.shape[1:]) != row_shape:
+        if buf is not None and not same:
             self.pool.give(buf)
-            buf = None  # no row uses the old shape any more
-        buf = _fit(buf, int(slots.max()) + 1, row_shape, first.dtype, self.pool)
-        if int(slots.min()) < self.written and shared(buf):
-            # copy on write: reads handed out views of these slots that are still alive
-            buf = buf.clone()
-        self.buffer = buf
-        _scatter(buf, slots, chunks)
-        self.written = max(self.written, int(slots.max()) + 1)
-        self.state[slots] = DENSE
-        self.dense_count += slots.numel()
+            buf = self.buffer = None  # no row uses the old shape any more
+            self.overlay = None
+        old = buf
+        buf = self.buffer = _fit(buf, need, row_shape, first.dtype, self.pool)
+        if old is not None and buf is not old:
+            self.copies.nbytes += old.nbytes
+        risky = slots < self.written if lo < self.written and shared(buf) else None
+        if risky is not None and 2 * int(np.count_nonzero(risky)) >= self.written:
+            # most written rows are rewritten while views of them are alive: a new buffer
+            # costs no more than the write (at most twice its rows copied)
+            buf = self._replace_buffer(buf)
+            risky = None
+        if risky is not None:
+            # copy on write of these cells only: views of them handed out are still alive
+            self._write_moved(slots, dense_rows(chunks), risky, row_shape, first.dtype)
+        else:
+            self.settle()
+            self.copies.nbytes += scatter(buf, slots, chunks)
+            self.state[slots] = DENSE
+        self.written = max(self.written, need)
+        self.dense_count += slots.size
+
+    def _replace_buffer(self, buf: torch.Tensor) -> torch.Tensor:
+        """A new buffer holding ``buf``'s written rows (and the overlay's cells)."""
+        grown = self.pool.take(buf.shape[0], tuple(buf.shape[1:]), buf.dtype)
+        grown[: self.written].copy_(buf[: self.written])
+        self.copies.nbytes += buf[: self.written].nbytes
+        self.buffer = grown
+        self._fold()
+        return grown
+
+    def _write_moved(
+        self,
+        slots: np.ndarray,
+        data: torch.Tensor,
+        risky: np.ndarray,
+        row_shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
+        """Rows at ``risky`` slots into the overlay, the others into the buffer."""
+        assert self.buffer is not None
+        if self.overlay is None:
+            self.overlay = Overlay(row_shape, dtype)
+        if bool(risky.all()):
+            self.copies.nbytes += self.overlay.put(slots, data)
+            self.state[slots] = MOVED
+            return
+        at = np.flatnonzero(risky)
+        fresh = np.flatnonzero(~risky)
+        self.copies.nbytes += self.overlay.put(slots[at], data[torch.from_numpy(at)])
+        self.copies.nbytes += scatter(self.buffer, slots[fresh], data[torch.from_numpy(fresh)])
+        self.state[slots[at]] = MOVED
+        self.state[slots[fresh]] = DENSE
+
+    def _write_dense_elsewhere(self, slots: np.ndarray, data: torch.Tensor) -> None:
+        if data.dim() >= 2:
+            lengths = torch.full((data.shape[0],), data.shape[1], dtype=torch.int64)
+            self._write_jagged(slots, [data.flatten(0, 1)], lengths)
+        else:
+            self._write_cells(slots, list(data.to("cpu", copy=True).unbind(0)))
 
     def _write_jagged(
-        self, slots: torch.Tensor, parts: list[torch.Tensor], lengths: torch.Tensor
+        self, slots: np.ndarray, parts: list[torch.Tensor], lengths: torch.Tensor
     ) -> None:
         trail, dtype = tuple(parts[0].shape[1:]), parts[0].dtype
         if self.arena is None or (self.jagged_count == 0 and not self.arena.accepts(trail, dtype)):
@@ -418,32 +336,36 @@ class Field:
             rows = torch.cat(parts).cpu().split(lengths.tolist())
             self._write_cells(slots, list(rows))
             return
-        live = (self.state == JAGGED).nonzero().squeeze(1)
-        self.arena.append(slots, parts, lengths, live)
+        self.arena.append(slots, parts, lengths, lambda: np.flatnonzero(self.state == JAGGED))
         self.state[slots] = JAGGED
-        self.jagged_count += slots.numel()
+        self.jagged_count += slots.size
 
-    def _write_cells(self, slots: torch.Tensor, items: list[Any]) -> None:
+    def _write_cells(self, slots: np.ndarray, items: list[Any]) -> None:
         for s, item in zip(slots.tolist(), items, strict=True):
             self.cells[s] = item
         self.state[slots] = CELL
 
     def holds_all_dense(self, live: int) -> bool:
-        """Whether every one of the partition's ``live`` rows is held here, and dense (or a
-        value of a non-tensor field): then :meth:`gather_held` reads held slots without
-        looking at their states."""
+        """Whether every one of the partition's ``live`` rows is held here, and dense in the
+        buffer (or a value of a non-tensor field): then :meth:`gather_held` reads held slots
+        without looking at their states."""
         if not self.is_tensor:
             return self.count == live
-        return self.dense_count == live and not self.jagged and self.buffer is not None
+        return (
+            self.dense_count == live
+            and not self.jagged
+            and self.buffer is not None
+            and not self.moved
+        )
 
-    def gather_held(self, slots: torch.Tensor, contiguous: bool | None = None) -> Any:
+    def gather_held(self, slots: np.ndarray, contiguous: bool | None = None) -> Any:
         """:meth:`gather` of held ``slots`` of a field that :meth:`holds_all_dense`."""
         if not self.is_tensor or self.buffer is None:
             return self.gather(slots, None, contiguous)
         return gather_dense(self.buffer, slots, contiguous)
 
     def gather(
-        self, slots: torch.Tensor, st: torch.Tensor | None = None, contiguous: bool | None = None
+        self, slots: np.ndarray, st: np.ndarray | None = None, contiguous: bool | None = None
     ) -> Any:
         """Column of the cells at ``slots`` (all present), in the order of ``slots``.
 
@@ -451,10 +373,14 @@ class Field:
         if not self.is_tensor:
             return [copy_value(self.cells[s]) for s in slots.tolist()]
         st = self.states(slots) if st is None else st
-        n = slots.numel()
-        if self.buffer is not None and not self.jagged and int((st == DENSE).sum()) == n:
-            return gather_dense(self.buffer, slots, contiguous)
-        if self.arena is not None and int((st == JAGGED).sum()) == n:
+        n = slots.size
+        if self.buffer is not None and not self.jagged:
+            n_dense = int(np.count_nonzero(st == DENSE))
+            if n_dense == n:
+                return gather_dense(self.buffer, slots, contiguous)
+            if n_dense + int(np.count_nonzero(st == MOVED)) == n:
+                return self._dense_rows(slots, st)
+        if self.arena is not None and int(np.count_nonzero(st == JAGGED)) == n:
             values, offsets = self.arena.gather(slots)
             lengths = offsets.diff()
             if not self.jagged and n and bool((lengths == lengths[0]).all()):
@@ -462,21 +388,30 @@ class Field:
             return torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
         return self._gather_rows(slots, st)
 
-    def _gather_rows(self, slots: torch.Tensor, st: torch.Tensor) -> Any:
+    def _dense_rows(self, slots: np.ndarray, st: np.ndarray) -> torch.Tensor:
+        """Cells at ``slots``, all DENSE or MOVED, as a new tensor."""
+        assert self.buffer is not None
+        out = gather_dense(self.buffer, slots, contiguous=False)
+        moved = np.flatnonzero(st == MOVED)
+        if moved.size and self.overlay is not None:
+            scatter(out, moved, self.overlay.rows(slots[moved]))
+        return out
+
+    def _gather_rows(self, slots: np.ndarray, st: np.ndarray) -> Any:
         """Mixed storage: per-row tensors (stacked when the field is not jagged and they agree)."""
-        out: list[Any] = [None] * slots.numel()
+        out: list[Any] = [None] * slots.size
         if self.buffer is not None:
-            pos = (st == DENSE).nonzero().squeeze(1)
-            rows = gather_dense(self.buffer, slots[pos]).unbind(0)
+            pos = np.flatnonzero((st == DENSE) | (st == MOVED))
+            rows = self._dense_rows(slots[pos], st[pos]).unbind(0)
             for p, t in zip(pos.tolist(), rows, strict=True):
                 out[p] = t
         if self.arena is not None:
-            pos = (st == JAGGED).nonzero().squeeze(1)
+            pos = np.flatnonzero(st == JAGGED)
             values, offsets = self.arena.gather(slots[pos])
             for p, t in zip(pos.tolist(), values.split(offsets.diff().tolist()), strict=True):
                 out[p] = t
         slot_list = slots.tolist()
-        for p in (st == CELL).nonzero().squeeze(1).tolist():
+        for p in np.flatnonzero(st == CELL).tolist():
             out[p] = self.cells[slot_list[p]]
         if not self.jagged and out and all(t.shape == out[0].shape for t in out):
             return torch.stack(out)

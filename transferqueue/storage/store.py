@@ -17,8 +17,8 @@ Columns on read (``read`` returns ``{field: column}`` in the requested row order
 
 * ``torch.Tensor`` ``(len(rows), *row_shape)`` for a field never written per row whose
   requested rows share one shape -- a view of the buffer for a range of slots (read-only
-  for the caller: the store copies a buffer before writing into it while views of it
-  live), else one ``index_select`` per field;
+  for the caller: while views live, writes put the cells they rewrite elsewhere, see
+  :mod:`._overlay`), else one ``index_select`` per field;
 * a jagged nested tensor (``torch.nested.nested_tensor_from_jagged``) for a field written
   per row (list or nested tensor), also when the requested rows happen to agree -- one
   gather of its packed values;
@@ -59,11 +59,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from transferqueue.errors import PartitionNotFoundError, SchemaError, StorageFullError
 from transferqueue.storage._arena import is_range
-from transferqueue.storage._field import ABSENT, Field, FieldData, as_rows
+from transferqueue.storage._field import ABSENT, Copies, Field, FieldData, lo_hi, row_array
 from transferqueue.storage._pool import BufferPool
 
 Column = torch.Tensor | list[Any]
@@ -76,7 +77,7 @@ class WritePlan:
     """A validated write; ``nbytes`` is the net change of stored bytes it causes."""
 
     partition_id: str
-    rows: torch.Tensor
+    rows: np.ndarray
     columns: dict[str, FieldData]
     nbytes: int
     #: fields whose held rows move to a wider dtype first (``torch.promote_types``)
@@ -99,10 +100,10 @@ def _as_dtype(value: Any) -> torch.dtype:
 
 
 class _Partition:
-    """Row -> slot map of one partition plus its fields."""
+    """Row -> slot map of one partition plus its fields (numpy arrays of int64)."""
 
     def __init__(self) -> None:
-        self.row_to_slot = torch.full((0,), -1, dtype=torch.int64)
+        self.row_to_slot = np.full(0, -1, dtype=np.int64)
         self.free: list[int] = []
         self.next_slot = 0
         self.live = 0
@@ -112,47 +113,49 @@ class _Partition:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.fields.values())
 
-    def slots_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """Slots of ``rows``; -1 for rows this partition does not hold."""
-        size = self.row_to_slot.numel()
-        if rows.numel() == 0 or int(rows.max()) < size:
+    def slots_of(self, rows: np.ndarray) -> np.ndarray:
+        """Slots of ``rows`` (a new array); -1 for rows this partition does not hold."""
+        size = self.row_to_slot.size
+        if rows.size == 0 or lo_hi(rows)[1] < size:
             return self.row_to_slot[rows]
-        out = torch.full_like(rows, -1)
+        out = np.full(rows.shape, -1, dtype=np.int64)
         known = rows < size
         out[known] = self.row_to_slot[rows[known]]
         return out
 
-    def assign_slots(self, rows: torch.Tensor) -> torch.Tensor:
-        """Slots of ``rows``, giving free or fresh slots to rows not held yet."""
+    def assign_slots(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of ``rows``, giving free or fresh slots to rows not held yet; and the slots
+        of the rows held already (the only ones whose cells a write must release first)."""
         slots = self.slots_of(rows)
-        new = (slots < 0).nonzero().squeeze(1)
-        k = new.numel()
+        new = np.flatnonzero(slots < 0)
+        k = new.size
         if k == 0:
-            return slots
+            return slots, slots
+        held = slots[slots >= 0] if k < slots.size else slots[:0]
         take = min(k, len(self.free))
-        reused = self.free[len(self.free) - take :]
+        new_slots = np.empty(k, dtype=np.int64)
+        new_slots[:take] = self.free[len(self.free) - take :]
         del self.free[len(self.free) - take :]
-        fresh = torch.arange(self.next_slot, self.next_slot + k - take, dtype=torch.int64)
+        new_slots[take:] = np.arange(self.next_slot, self.next_slot + k - take)
         self.next_slot += k - take
-        new_slots = torch.cat([torch.tensor(reused, dtype=torch.int64), fresh])
         slots[new] = new_slots
         new_rows = rows[new]
-        need = int(new_rows.max()) + 1
-        size = self.row_to_slot.numel()
+        need = lo_hi(new_rows)[1] + 1
+        size = self.row_to_slot.size
         if need > size:
-            grown = torch.full((max(need, 2 * size),), -1, dtype=torch.int64)
+            grown = np.full(max(need, 2 * size), -1, dtype=np.int64)
             grown[:size] = self.row_to_slot
             self.row_to_slot = grown
         self.row_to_slot[new_rows] = new_slots
         self.live += k
-        return slots
+        return slots, held
 
-    def clear(self, rows: torch.Tensor) -> int:
+    def clear(self, rows: np.ndarray) -> int:
         """Drop ``rows`` (unique) and their cells; returns the bytes freed."""
         slots = self.slots_of(rows)
         held = slots >= 0
         rows, slots = rows[held], slots[held]
-        if rows.numel() == 0:
+        if rows.size == 0:
             return 0
         freed = 0
         for name in list(self.fields):
@@ -163,7 +166,7 @@ class _Partition:
                 del self.fields[name]
         self.row_to_slot[rows] = -1
         self.free.extend(slots.tolist())
-        self.live -= rows.numel()
+        self.live -= rows.size
         return freed
 
 
@@ -179,6 +182,12 @@ class Store:
         self._floors: dict[str, dict[str, torch.dtype]] = {}
         self._nbytes = 0
         self._pool = BufferPool(lambda: self._nbytes)
+        self._copies = Copies()
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes this store's dense writes copied so far (see :class:`._field.Copies`)."""
+        return self._copies.nbytes
 
     @property
     def pooled_bytes(self) -> int:
@@ -213,8 +222,8 @@ class Store:
 
     def prepare_write(self, partition_id: str, rows: Any, columns: dict[str, Any]) -> WritePlan:
         """Validate a write and compute its net size; changes nothing."""
-        rows_t = as_rows(rows, unique=True)
-        n = rows_t.numel()
+        rows_t = row_array(rows, unique=True)
+        n = rows_t.size
         if not isinstance(columns, dict):
             raise SchemaError(f"columns must be a dict of field -> column, got {type(columns)}")
         cols = {
@@ -224,7 +233,10 @@ class Store:
         floors = self._floors.get(partition_id, {})
         promote: dict[str, torch.dtype] = {}
         nbytes = 0
-        slots = part.slots_of(rows_t) if part is not None and n else None
+        held_slots = part.slots_of(rows_t) if part is not None and n else None
+        if held_slots is not None:
+            held_slots = held_slots[held_slots >= 0]
+            held_slots = held_slots if held_slots.size else None  # new rows only
         for name, col in cols.items():
             held = part.fields.get(name) if part is not None else None
             if held is not None:
@@ -232,14 +244,15 @@ class Store:
             if col.dtype is not None:  # a tensor column: the field's one dtype
                 target = col.dtype
                 for other in (floors.get(name), held.dtype if held is not None else None):
-                    target = target if other is None else torch.promote_types(target, other)
+                    if other is not None and other != target:  # a torch call: only if needed
+                        target = torch.promote_types(target, other)
                 col = cols[name] = col.cast(target)
                 if held is not None and held.dtype != target:
                     promote[name] = target
                     nbytes += held.promoted_bytes(target) - held.nbytes
             nbytes += col.nbytes
-            if held is not None and slots is not None:
-                freed = held.bytes_at(slots)
+            if held is not None and held_slots is not None:
+                freed = held.bytes_at(held_slots)
                 if name in promote:
                     freed = freed * _itemsize(promote[name]) // _itemsize(held.dtype)
                 nbytes -= freed
@@ -264,19 +277,21 @@ class Store:
 
     def apply_write(self, plan: WritePlan) -> None:
         """Store a plan from :meth:`prepare_write` (the store must not have changed since)."""
-        if plan.rows.numel() == 0 or not plan.columns:
+        if plan.rows.size == 0 or not plan.columns:
             return
         part = self._partitions.get(plan.partition_id)
         if part is None:
             part = self._partitions[plan.partition_id] = _Partition()
-        slots = part.assign_slots(plan.rows)
+        slots, held = part.assign_slots(plan.rows)
         for name, col in plan.columns.items():
             field = part.fields.get(name)
             if field is None:
-                field = part.fields[name] = Field(col.is_tensor, col.dtype, self._pool)
+                field = part.fields[name] = Field(
+                    col.is_tensor, col.dtype, self._pool, self._copies
+                )
             elif name in plan.promote:
                 self._nbytes += field.promote(plan.promote[name])
-            freed = field.release(slots)
+            freed = field.release(held) if held.size else 0
             field.write(slots, col)
             self._nbytes += col.nbytes - freed
 
@@ -296,10 +311,10 @@ class Store:
                 f"partition {partition_id!r} has no data in this storage unit "
                 "(never written, or cleared)"
             )
-        rows_t = as_rows(rows, unique=False)
+        rows_t = row_array(rows, unique=False)
         slots = part.slots_of(rows_t)
         # once per read, not per field: are all rows held, are their slots a range
-        held = slots.numel() == 0 or int(slots.min()) >= 0
+        held = slots.size == 0 or lo_hi(slots)[0] >= 0
         contiguous = is_range(slots)
         out: dict[str, Column] = {}
         for name in fields:
@@ -309,13 +324,14 @@ class Store:
                     f"field {name!r} is not stored for partition {partition_id!r} "
                     f"in this storage unit (fields here: {sorted(part.fields)})"
                 )
+            field.settle()  # no view of its buffer left: rewritten cells go back into it
             if held and field.holds_all_dense(part.live):  # no per-slot state to look at
                 out[name] = field.gather_held(slots, contiguous)
                 continue
             st = field.states(slots)
-            missing = (st == ABSENT).nonzero()
-            if missing.numel():
-                row = int(rows_t[int(missing[0])])
+            missing = np.flatnonzero(st == ABSENT)
+            if missing.size:
+                row = int(rows_t[missing[0]])
                 raise KeyError(
                     f"row {row} of partition {partition_id!r} has no field {name!r} "
                     "in this storage unit (never written, or cleared)"
@@ -345,7 +361,11 @@ class Store:
         part = self._partitions.get(partition_id)
         if part is None:
             return 0
-        rows_t = torch.unique(as_rows(rows, unique=False))
+        rows_t = row_array(rows, unique=False)
+        if rows_t.size <= 16:  # np.unique costs ~20 us to set up
+            rows_t = np.array(sorted(set(rows_t.tolist())), dtype=np.int64)
+        else:
+            rows_t = np.unique(rows_t)
         freed = part.clear(rows_t)
         self._nbytes -= freed
         if part.live == 0:
