@@ -139,3 +139,17 @@ def test_closing_a_system_that_used_shared_memory_leaves_no_files() -> None:
     finally:
         runtime_loop().run(system.aclose())
     assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+@pytest.mark.timeout(300)
+def test_ray_data_path_uses_shared_memory_on_one_node(ray_cluster: None) -> None:
+    config = {"transport": "ray", "runtime": {"call_timeout": 60.0}}
+    system = runtime_loop().run(start_system(load_config(config)))
+    try:
+        td, nbytes = _batch(9)
+        moved, got = _put_and_get(system.client, "ray-shm", td)
+        assert moved == {"sent_shm": nbytes, "sent_socket": 0, "received_shm": nbytes}
+        assert torch.equal(got["x"], td["x"]) and torch.equal(got["ids"], td["ids"])
+        system.client.clear_partition("ray-shm")
+    finally:
+        runtime_loop().run(system.aclose())

@@ -44,6 +44,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import torch
 
 from transferqueue.errors import ActorDiedError, ProtocolError
 
@@ -160,6 +161,15 @@ class _Segment:
         os.close(self.fd)
 
 
+def _copy(view: memoryview, at: int, src: memoryview) -> None:
+    """``view[at:] = src``: torch's copy (vectorised; ~1.4x a memoryview assignment here)."""
+    if src.readonly:  # torch wants writable sources
+        view[at : at + src.nbytes] = src
+        return
+    dst = torch.frombuffer(view, dtype=torch.uint8, count=src.nbytes, offset=at)
+    dst.copy_(torch.frombuffer(src, dtype=torch.uint8))
+
+
 class Pool:
     """The sending side's segments, reused once their receivers let go; at most
     ``pool_bytes`` in all (beyond that a message takes the socket)."""
@@ -221,9 +231,8 @@ class Pool:
             gen = secrets.randbits(63) | 1
             view = seg.view
             try:
-                for (_, off, n), frame in zip(parts, (frames[i] for i in indexes)):
-                    at = _PAGE + off
-                    view[at : at + n] = memoryview(frame).cast("B")
+                for (_, off, _n), frame in zip(parts, (frames[i] for i in indexes)):
+                    _copy(view, _PAGE + off, memoryview(frame).cast("B"))
             except BaseException:
                 fcntl.flock(seg.fd, fcntl.LOCK_UN)  # never sent: free for the next message
                 raise
