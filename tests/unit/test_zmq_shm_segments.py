@@ -4,6 +4,7 @@ descriptors, ownership by flock, reuse, refusal, and real SIGKILLs of either sid
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -252,3 +253,32 @@ def test_a_sender_killed_after_sending_leaves_the_receiver_its_data_and_nothing_
     zmq_shm.sweep()  # forget the dead sender's segment: the last reference, the kernel frees it
     assert _segments_mapped() == base
     assert set(os.listdir("/dev/shm")) <= shm_before  # segments never have a name there
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_sends_from_a_pool_of_its_own() -> None:
+    frames = _frames(torch.ones(2 * MiB, dtype=torch.uint8))
+    parent_pool = zmq_shm.pool(1 << 30)
+    zmq_shm.unpack(zmq_shm.pack(frames, 1, ShmSettings(), same_host=True), 1)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit code
+        ok = False
+        try:
+            out = zmq_shm.pack(frames, 1, ShmSettings(), same_host=True)
+            pid = msgpack.unpackb(out[1][1:])[0]
+            got = zmq_shm.unpack(out, 1)
+            ok = zmq_shm.pool(1 << 30) is not parent_pool and pid == os.getpid()
+            ok = ok and bytes(got[1][:2]) == b"\x01\x01"
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)  # a child that hangs fails the test
+        assert ready and os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        if not os.waitpid(child, os.WNOHANG)[0]:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)

@@ -161,9 +161,14 @@ class _Segment:
         os.close(self.fd)
 
 
+#: set in a forked child: torch's intra-op thread pool may hang there (what DataLoader
+#: workers avoid with ``torch.set_num_threads(1)``), so copies are plain memcpy
+_forked = False
+
+
 def _copy(view: memoryview, at: int, src: memoryview) -> None:
     """``view[at:] = src``: torch's copy (vectorised; ~1.4x a memoryview assignment here)."""
-    if src.readonly:  # torch wants writable sources
+    if src.readonly or _forked:  # torch wants writable sources
         view[at : at + src.nbytes] = src
         return
     dst = torch.frombuffer(view, dtype=torch.uint8, count=src.nbytes, offset=at)
@@ -386,6 +391,19 @@ def unpack(bufs: list[Any], start: int) -> list[Any]:
     if len(bufs) <= start or not is_descriptor(bufs[start]):
         return bufs
     return RECEIVER.unpack(bufs, start)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with fresh locks (a parent thread may have held one) and makes
+    its own pool (:func:`pool` is per process)."""
+    global _pools_lock, _forked
+    _pools_lock, _forked = threading.Lock(), True
+    RECEIVER._lock = threading.Lock()
+    for p in _pools.values():
+        p._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def sweep() -> None:
