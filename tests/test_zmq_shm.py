@@ -113,8 +113,12 @@ async def test_a_peer_of_another_host_gets_the_socket(shm_system: System, monkey
         await aclient.close()
 
 
-def test_shared_memory_off_takes_the_socket_and_nothing_is_left_behind() -> None:
-    shm_before = set(os.listdir("/dev/shm"))
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_shared_memory_off_takes_the_socket() -> None:
     system = _start(shared_memory=False)
     try:
         client = system.client
@@ -122,23 +126,41 @@ def test_shared_memory_off_takes_the_socket_and_nothing_is_left_behind() -> None
         moved, got = _put_and_get(client, "off", td)
         assert moved == {"sent_shm": 0, "sent_socket": nbytes, "received_shm": 0}
         assert torch.equal(got["x"], td["x"]) and torch.equal(got["ids"], td["ids"])
+        units = [h.pid for h in system.handles[1:]]  # type: ignore[attr-defined]
+        assert not any("memfd:tq-shm" in _maps(p) for p in units)  # no segment at all
     finally:
         runtime_loop().run(system.aclose())
-    assert set(os.listdir("/dev/shm")) <= shm_before
 
 
-def test_closing_a_system_that_used_shared_memory_leaves_no_files() -> None:
-    shm_before = set(os.listdir("/dev/shm"))
+def test_segments_are_nameless_and_go_with_their_processes() -> None:
     system = _start()
+    pids = [h.pid for h in system.handles]  # type: ignore[attr-defined]
     try:
         client = system.client
         td, nbytes = _batch(8)
         moved, got = _put_and_get(client, "files", td)
         assert moved["sent_shm"] == nbytes and moved["received_shm"] == nbytes
+        units = pids[1:]
+        assert all("memfd:tq-shm" in _maps(p) for p in units)  # each unit sent from its pool
+        for p in [os.getpid(), *pids]:  # segments are memfds: nothing named in /dev/shm
+            assert "/dev/shm/" not in _maps(p)
+        # the units' segments this process reads through (its receiving side's mappings)
+        theirs = {m.ino for (p, _), m in zmq_shm.RECEIVER._maps.items() if p in units}
+        assert theirs and all(_mapped_inode(i) for i in theirs)
         del got
     finally:
         runtime_loop().run(system.aclose())
-    assert set(os.listdir("/dev/shm")) <= shm_before
+    zmq_shm.sweep()
+    for p in pids:  # the actor processes are gone, and with them every segment they owned
+        assert not os.path.exists(f"/proc/{p}")
+    assert not any(_mapped_inode(i) for i in theirs)  # and nothing of theirs is mapped here
+
+
+def _mapped_inode(ino: int) -> bool:
+    return any(
+        "memfd:tq-shm" in line and line.split()[4] == str(ino)
+        for line in _maps(os.getpid()).splitlines()
+    )
 
 
 @pytest.mark.timeout(300)

@@ -3,18 +3,21 @@
 A message whose frames of at least ``zmq.shm_min_bytes`` go to a peer on this host (same
 kernel, same pid namespace, same user: :func:`host_id`, which each side puts in its zmq
 handshake metadata) travels as the small frames plus one *descriptor* frame; the large
-frames are copied into a segment of the sender's pool, and the receiver maps that segment and
-decodes tensors straight over the mapping. See "Same-host shared memory" in
+frames are copied into a segment of the sender's pool (:class:`Pool`), and the receiver
+decodes tensors straight over its mapping of that segment. See "Same-host shared memory" in
 docs/architecture.md for the decision and the figures.
 
 * A segment is an anonymous ``memfd`` (no name in ``/dev/shm``: nothing to leak, whoever is
   killed). The receiver opens it as ``/proc/<sender pid>/fd/<fd>``, which the kernel allows a
   process of the same user only.
-* Ownership travels with an ``flock``: the receiver takes a shared lock on its own open of
-  the segment and keeps it as long as its mapping lives (the mapping holds the open file,
-  and so the lock: the kernel drops both when the last tensor over it is freed, or when the
-  receiver dies). The sender reuses a segment only once the receiver acknowledged it (an
-  ``ack`` word in the segment's header page) *and* an exclusive lock succeeds: what you
+* Ownership travels with an ``flock``: for each message the receiver takes a shared lock on
+  an open of its own of the segment and maps that open's header page, a *lease* that every
+  frame of the message holds (the frames are numpy views with the lease attached), so the
+  lock lives as long as any tensor over them (the kernel drops it when the last one is
+  freed, or when the receiver dies). The bytes are read through one mapping per sender
+  segment kept across messages (:class:`Receiver`; :func:`sweep` forgets those whose sender
+  closed them or died). The sender reuses a segment only once the receiver acknowledged it
+  (an ``ack`` word in the segment's header page) *and* an exclusive lock succeeds: what you
   received is yours as long as you hold it; what you sent you may change at once (it was
   copied).
 * A descriptor names a segment by ``(pid, fd, gen)``; ``gen`` is a random 63-bit number the
