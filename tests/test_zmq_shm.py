@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from tensordict import TensorDict
 
 from transferqueue.config import load_config
 from transferqueue.runtime.loop import runtime_loop
-from transferqueue.runtime.transports import zmq_shm
+from transferqueue.runtime.transports import zmq_auth, zmq_shm
 from transferqueue.system import System, start_system
 
 pytestmark = pytest.mark.timeout(180)
@@ -161,6 +162,23 @@ def _mapped_inode(ino: int) -> bool:
         "memfd:tq-shm" in line and line.split()[4] == str(ino)
         for line in _maps(os.getpid()).splitlines()
     )
+
+
+def test_curve_peers_on_one_host_use_shared_memory(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    _, secret = zmq_auth.write_key_pair(tmp_path, "server")
+    zmq_auth.write_key_pair(allowed, "client")
+    curve = {"server_key_file": str(secret), "allowed_clients_dir": str(allowed)}
+    config = {"transport": "zmq", "storage": {"units": 1}, "zmq": {"curve": curve}}
+    system = runtime_loop().run(start_system(load_config(config)))
+    try:
+        td, nbytes = _batch(10)
+        moved, got = _put_and_get(system.client, "curve", td)
+        assert moved == {"sent_shm": nbytes, "sent_socket": 0, "received_shm": nbytes}
+        assert torch.equal(got["x"], td["x"]) and torch.equal(got["ids"], td["ids"])
+    finally:
+        runtime_loop().run(system.aclose())
 
 
 @pytest.mark.timeout(300)
