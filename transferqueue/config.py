@@ -140,6 +140,15 @@ class ZmqConfig:
     #: threads fighting the I/O threads for the cores, made a 1 MiB row write ~50x slower
     #: on a 2-core host (30 ms vs 0.6 ms, bench stress). Raise it on big hosts for huge rows
     actor_threads: int = 1
+    #: between a client and an actor on one host (zmq, and ray's zmq data path), frames of
+    #: ``shm_min_bytes`` or more travel through shared memory (memfd segments) instead of
+    #: the socket; across hosts, or when off, the socket. See docs/architecture.md
+    shared_memory: bool = True
+    #: the smallest frame (a tensor's bytes) that takes the shared-memory path
+    shm_min_bytes: int = 1 << 20
+    #: at most this many bytes of segments per sending process (reused once their receiver
+    #: lets go of them); a message that finds no room takes the socket
+    shm_pool_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,14 @@ class Config:
         self._check_placement()
         if self.zmq.protocol not in ("tcp", "ipc"):
             raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
+        if not isinstance(self.zmq.shared_memory, bool):
+            raise ConfigError(
+                f"zmq.shared_memory must be true or false; got {self.zmq.shared_memory!r}"
+            )
+        for key in ("shm_min_bytes", "shm_pool_bytes"):
+            value = getattr(self.zmq, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"zmq.{key} must be a positive number of bytes; got {value!r}")
         if not isinstance(self.zmq.insecure, bool):
             raise ConfigError(f"zmq.insecure must be true or false; got {self.zmq.insecure!r}")
         advertise = self.zmq.advertise_host

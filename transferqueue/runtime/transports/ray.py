@@ -38,6 +38,7 @@ from transferqueue.errors import (
 from transferqueue.runtime.transports import _protocol as protocol
 from transferqueue.runtime.transports._protocol import Dispatcher, Envelope
 from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
+from transferqueue.runtime.transports.zmq_shm import ShmSettings
 
 #: how long stopping an actor waits for its on_stop hook before it is killed
 _STOP_GRACE_S = 3.0
@@ -98,7 +99,7 @@ class _RayHost:
             torch.set_num_threads(max(1, int(self._serve.get("threads", 1))))
 
             host = self._serve.get("host") or ray.util.get_node_ip_address()
-            self._server = ZmqServing(self._dispatcher, host)
+            self._server = ZmqServing(self._dispatcher, host, self._serve.get("shm"))
 
     async def ready(self) -> dict[str, Any]:
         """Starts the actor (once); returns its process id, node and zmq endpoint."""
@@ -245,7 +246,8 @@ class RayTransport(Transport):
             options.update(_node_options(node))
         options.update(cfg.actor_options)
         options.update(name=actor_name, namespace=namespace)
-        serve = {"host": cfg.host, "threads": self.config.zmq.actor_threads}
+        serve: dict[str, Any] = {"host": cfg.host, "threads": self.config.zmq.actor_threads}
+        serve["shm"] = ShmSettings.of(self.config.zmq)  # same-node refs: shared memory
         if cfg.data_path != "zmq":
             serve = {}
         actor = (

@@ -17,20 +17,24 @@ from transferqueue.config import Config
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports._protocol import Dispatcher
 from transferqueue.runtime.transports.base import Address, Channel
-from transferqueue.runtime.transports.zmq import ZmqChannel, _context
+from transferqueue.runtime.transports.zmq import ZmqChannel, _context, tag_host
 from transferqueue.runtime.transports.zmq_actor import _Server
+from transferqueue.runtime.transports.zmq_shm import ShmSettings
 
 
 class ZmqServing:
-    """A ROUTER server for ``dispatcher`` in the running event loop (inside a Ray actor)."""
+    """A ROUTER server for ``dispatcher`` in the running event loop (inside a Ray actor);
+    large frames to and from refs on this node travel in shared memory as on zmq (``shm``)."""
 
-    def __init__(self, dispatcher: Dispatcher, host: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, host: str, shm: ShmSettings | None = None) -> None:
+        shm = shm or ShmSettings()
         sock = _context().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        tag_host(sock, shm)
         sock.bind(f"tcp://{host}:*")
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._server = _Server(dispatcher, sock)
+        self._server = _Server(dispatcher, sock, shm)
 
     def close(self) -> None:
         self._server.close()

@@ -16,6 +16,10 @@
   Beyond loopback they require CURVE keys (:mod:`transferqueue.runtime.transports.zmq_auth`); a
   handshake the peer refuses fails the channel's calls with
   :class:`~transferqueue.errors.AuthenticationError` at once.
+* Between peers on one host, large frames travel through shared memory
+  (:mod:`transferqueue.runtime.transports.zmq_shm`): each side names its host in the
+  handshake's metadata (:func:`tag_host`), and a message to a peer of the same host carries a
+  descriptor of a memfd segment in place of those frames.
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, ActorDiedError, ActorError, AuthenticationError
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
-from transferqueue.runtime.transports import zmq_auth
-from transferqueue.runtime.transports._protocol import CANCEL, Calls
+from transferqueue.runtime.transports import zmq_auth, zmq_shm
+from transferqueue.runtime.transports._protocol import CANCEL, Calls, encode_reply
 from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 
 log = logging.getLogger("transferqueue.zmq")
@@ -81,6 +86,26 @@ def _context() -> zmq.Context[zmq.Socket[bytes]]:
     if ctx is None:
         ctx = _contexts[pid] = zmq.Context(io_threads=_IO_THREADS)
     return ctx
+
+
+def tag_host(sock: zmq.Socket[bytes], shm: zmq_shm.ShmSettings) -> None:
+    """Name this host in ``sock``'s handshake metadata, so peers on it use shared memory."""
+    if shm.enabled:
+        sock.setsockopt(zmq.METADATA, f"{zmq_shm.HOST_PROPERTY}:{zmq_shm.host_id()}".encode())
+
+
+def same_host(frame: zmq.Frame) -> bool:
+    """Whether the peer that sent ``frame`` named this host in its handshake."""
+    try:
+        return frame.get(zmq_shm.HOST_PROPERTY) == zmq_shm.host_id()
+    except zmq.ZMQError:  # the peer sent no such property
+        return False
+
+
+def _reply_id(frames: list[Any]) -> int | None:
+    with contextlib.suppress(Exception):
+        return int(msgpack.unpackb(frames[0])[0])
+    return None
 
 
 class Pump:
@@ -191,7 +216,11 @@ class ZmqChannel(Channel):
         self._connect_timeout = config.runtime.connect_timeout
         self._loop = asyncio.get_running_loop()
         self._keys = zmq_auth.client_keys(config.zmq)  # ConfigError: CURVE without a client pair
+        self._shm = zmq_shm.ShmSettings.of(config.zmq)
+        #: whether the actor is on this host (None: no reply yet said so)
+        self._same_host: bool | None = None
         sock = _context().socket(zmq.DEALER)
+        tag_host(sock, self._shm)
         for opt, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100), (zmq.HEARTBEAT_IVL, 1000)):
             sock.setsockopt(opt, value)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
@@ -222,7 +251,15 @@ class ZmqChannel(Channel):
         self._closed = False
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
-        self._calls.receive([f.buffer for f in frames])
+        if self._same_host is None:
+            self._same_host = self._shm.enabled and same_host(frames[0])
+        bufs = [f.buffer for f in frames]
+        if zmq_shm.is_descriptor(bufs[0]):
+            try:
+                bufs = zmq_shm.unpack(bufs, 0)
+            except ActorError as exc:  # fail that call: its bytes cannot be had
+                bufs = encode_reply(_reply_id(bufs[1:]), False, exc)
+        self._calls.receive(bufs)
 
     def _on_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)["event"]
@@ -288,6 +325,12 @@ class ZmqChannel(Channel):
                 raise ActorClosedError(f"the channel to {self._endpoint} is closed")
             if self._refused is not None:  # refused in the same batch of events
                 raise self._refusal()
+        if self._shm.enabled and zmq_shm.large_frames(frames, 0, self._shm.min_bytes):
+            if self._same_host is None:  # ask (a no-op): its reply names the actor's host
+                await self.request(CANCEL, (), {}, deadline)
+            frames = zmq_shm.pack(frames, 0, self._shm, bool(self._same_host))
+        else:
+            zmq_shm.count_socket(frames, self._shm.min_bytes)
         fut = self._calls.expect(envelope.id)
         timer = None
         if deadline is not None:
@@ -324,6 +367,7 @@ class ZmqChannel(Channel):
         self._pump.sock.disable_monitor()
         self._monitor.close()
         self._pump.close()
+        zmq_shm.sweep()
 
 
 def _expire(fut: asyncio.Future[Any], method: str, endpoint: str) -> None:

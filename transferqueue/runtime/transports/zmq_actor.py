@@ -26,11 +26,11 @@ from typing import Any
 import zmq
 
 from transferqueue.config import Config
-from transferqueue.errors import ActorClosedError
+from transferqueue.errors import ActorClosedError, ActorError, ProtocolError
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
-from transferqueue.runtime.transports import zmq_auth
-from transferqueue.runtime.transports._protocol import Dispatcher
-from transferqueue.runtime.transports.zmq import Pump
+from transferqueue.runtime.transports import zmq_auth, zmq_shm
+from transferqueue.runtime.transports._protocol import Dispatcher, Envelope, encode_reply
+from transferqueue.runtime.transports.zmq import Pump, same_host, tag_host
 
 log = logging.getLogger("transferqueue.zmq")
 
@@ -39,10 +39,17 @@ class _Server:
     """The actor process's request loop over a ROUTER socket: handlers run concurrently.
 
     Every message that carries a routing identity is answered (the protocol turns each
-    failure into an error reply)."""
+    failure into an error reply). Large frames to and from peers on this host travel in
+    shared memory (``shm``; tag the socket with :func:`tag_host` before it binds)."""
 
-    def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket[bytes]) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        sock: zmq.Socket[bytes],
+        shm: zmq_shm.ShmSettings | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
+        self.shm = shm or zmq_shm.ShmSettings()
         self._tasks: set[asyncio.Task[None]] = set()
         self.pump = Pump(sock, self._on_request)
 
@@ -51,12 +58,26 @@ class _Server:
             log.warning("dropped a malformed message (%d frames)", len(frames))
             return
         body = [f.buffer for f in frames[1:]]
+        if zmq_shm.is_descriptor(body[0]):
+            try:
+                if not self.shm.enabled:
+                    raise ProtocolError("a shared-memory message, but zmq.shared_memory is off")
+                body = zmq_shm.unpack(body, 0)
+            except ActorError as exc:  # answer that request: its bytes cannot be had
+                self._send(frames[0], encode_reply(_request_id(body[1:]), False, exc))
+                return
         task = self.pump.loop.create_task(self._handle(frames[0], body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, ident: zmq.Frame, frames: list[Any]) -> None:
         reply = await self.dispatcher.serve(frames)
+        frames.clear()  # a request's segment goes back to its sender as soon as it can
+        if zmq_shm.large_frames(reply, 0, self.shm.min_bytes):
+            reply = zmq_shm.pack(reply, 0, self.shm, self.shm.enabled and same_host(ident))
+        self._send(ident, reply)
+
+    def _send(self, ident: zmq.Frame, reply: list[Any]) -> None:
         try:
             self.pump.send([ident, *reply])
         except (zmq.ZMQError, ActorClosedError) as exc:  # the peer or we went away
@@ -66,6 +87,13 @@ class _Server:
         for task in list(self._tasks):
             task.cancel()
         self.pump.close()
+        zmq_shm.sweep()
+
+
+def _request_id(frames: list[Any]) -> int | None:
+    with contextlib.suppress(Exception):
+        return Envelope.decode(frames[0]).id
+    return None
 
 
 def _bind_endpoint(config: Config) -> str:
@@ -95,6 +123,8 @@ async def _host(spec: dict[str, Any]) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     auth = zmq_auth.secure_server(ctx, sock, plan.keys) if plan.keys is not None else None
+    shm = zmq_shm.ShmSettings.of(config.zmq)
+    tag_host(sock, shm)  # before bind: a listener takes the socket's options when it binds
     sock.bind(_bind_endpoint(config))
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     endpoint = zmq_auth.advertise(bound, plan.advertise)
@@ -106,7 +136,7 @@ async def _host(spec: dict[str, Any]) -> None:
     sys.stdout.write(f"TQ-ADDRESS {endpoint}\n")
     sys.stdout.flush()
     os.dup2(2, 1)  # anything printed later goes to stderr, not the address pipe
-    server = _Server(dispatcher, sock)
+    server = _Server(dispatcher, sock, shm)
     await stop.wait()
     server.close()
     await dispatcher.stop()

@@ -1,0 +1,130 @@
+"""Same-host shared memory on the zmq transport (issue 12 item 3): 128 MiB dense put and get
+with ``zmq.shared_memory`` on and off, beside a memcpy into touched memory in the same run.
+
+* Two zmq systems (controller + ``storage.units`` units, default 2; the full run adds a
+  1-unit pair) started in this run, one with shared memory and one without; this process
+  is the client of both. put = ``client.put`` of the bench data's dense batch (5 fields of
+  (1024, L): 3 int64, 2 float32, 128 MiB in all); get = ``client.get_data`` of the meta the
+  put returned (the bytes only: no ``get_meta`` wait). The systems take turns, one repeat
+  each, so that a load spike on a shared host hits both; medians after one warm-up.
+* Baseline, measured just before every round: a single-thread ``copy_`` of the same byte
+  count into a pre-touched buffer (``bench_data.memcpy_gbps``, fresh=False); the ratio
+  judged is the median of each round's rate over the copy beside it. Target: put and get
+  >= 4 GB/s each and >= 0.5x that copy.
+* The transport's counters (``zmq_shm.COUNTERS``) are checked: the shared-memory system's
+  large frames all took shared memory, the other's all took the socket.
+
+Run: ``python -m transferqueue bench shm [--quick]`` from the checkout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Table, p50, rate
+from bench_data import dense, memcpy_gbps
+
+from transferqueue.config import load_config
+from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports import zmq_shm
+from transferqueue.system import start_system
+
+MIB = 128
+TARGET_GBPS = 4.0
+TARGET_RATIO = 0.5
+
+
+def _round(client: Any, batch: Any, pid: str) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    meta = client.put(batch, partition_id=pid)
+    t1 = time.perf_counter()
+    got = client.get_data(meta)
+    t2 = time.perf_counter()
+    if got.batch_size[0] != batch.batch_size[0]:
+        raise RuntimeError(f"got {got.batch_size[0]} rows, expected {batch.batch_size[0]}")
+    del got
+    client.clear_partition(pid)
+    return t1 - t0, t2 - t1
+
+
+def measure(units: int, reps: int) -> dict[str, float]:
+    """Medians of put / get rates per mode, of the copy baseline, and of the per-round ratio
+    of each rate to the copy measured just before that round (a shared host's load moves
+    between rounds; the copy beside each round moves with it)."""
+    batch, nbytes, _ = dense(MIB)
+    systems = {}
+    try:
+        for mode in ("shm", "socket"):
+            cfg = {"transport": "zmq", "storage": {"units": units}}
+            cfg["zmq"] = {"shared_memory": mode == "shm"}
+            systems[mode] = runtime_loop().run(start_system(load_config(cfg)))
+        rounds: dict[str, list[tuple[float, float, float]]] = {"shm": [], "socket": []}
+        moved: dict[str, dict[str, int]] = {m: {} for m in systems}
+        for i in range(reps + 1):
+            for mode, system in systems.items():
+                copy = memcpy_gbps(nbytes, 1, fresh=False)
+                before = zmq_shm.COUNTERS.snapshot()
+                put_s, get_s = _round(system.client, batch, f"{mode}-{i}")
+                after = zmq_shm.COUNTERS.snapshot()
+                if i:
+                    rounds[mode].append((rate(nbytes, put_s), rate(nbytes, get_s), copy))
+                    for k in after:
+                        moved[mode][k] = moved[mode].get(k, 0) + after[k] - before[k]
+    finally:
+        for system in systems.values():
+            runtime_loop().run(system.aclose())
+    if moved["shm"]["sent_socket"] or moved["shm"]["sent_shm"] < reps * nbytes:
+        raise RuntimeError(f"the shared-memory system's bytes took the socket: {moved['shm']}")
+    if moved["socket"]["sent_shm"] or moved["socket"]["received_shm"]:
+        raise RuntimeError(f"the socket system's bytes took shared memory: {moved['socket']}")
+    all_rounds = rounds["shm"] + rounds["socket"]
+    out = {"memcpy_touched_GBps": p50([c for _, _, c in all_rounds])}
+    for mode, rs in rounds.items():
+        for k, op in enumerate(("put", "get")):
+            out[f"{op}_{mode}_GBps"] = p50([r[k] for r in rs])
+            out[f"{op}_{mode}_over_memcpy"] = p50([r[k] / r[2] for r in rs])
+    return out
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    reps = 3 if quick else 5
+    figures: dict[str, Any] = {}
+    for units in (2,) if quick else (2, 1):
+        f = figures[f"units_{units}"] = measure(units, reps)
+        table = Table(f"zmq, {MIB} MiB dense, {units} storage unit(s), medians of {reps}")
+        copy = f["memcpy_touched_GBps"]
+        for op in ("put", "get"):
+            shm, sock = f[f"{op}_shm_GBps"], f[f"{op}_socket_GBps"]
+            ratio = f[f"{op}_shm_over_memcpy"]
+            met = shm >= TARGET_GBPS and ratio >= TARGET_RATIO
+            table.add(
+                f"{op}, shared memory",
+                shm,
+                "GB/s",
+                "memcpy touched",
+                copy,
+                f">= {TARGET_GBPS:g} GB/s and >= {TARGET_RATIO}x",
+                met,
+            )
+            table.add(f"{op}, socket (shared_memory: false)", sock, "GB/s", "memcpy touched", copy)
+            f[f"{op}_shm_over_socket"] = shm / sock
+        table.note(
+            "ratio column: medians of rates over the median copy; per-round ratio to the copy "
+            f"beside it, median: put {f['put_shm_over_memcpy']:.2f}x, "
+            f"get {f['get_shm_over_memcpy']:.2f}x (socket: put "
+            f"{f['put_socket_over_memcpy']:.2f}x, get {f['get_socket_over_memcpy']:.2f}x)"
+        )
+        table.note(
+            f"shared memory / socket: put {f['put_shm_over_socket']:.2f}x, "
+            f"get {f['get_shm_over_socket']:.2f}x"
+        )
+        table.print()
+    return figures
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)

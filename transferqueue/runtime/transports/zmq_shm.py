@@ -1,0 +1,438 @@
+"""Same-host shared memory for the zmq transport: large frames travel in memfd segments.
+
+A message whose frames of at least ``zmq.shm_min_bytes`` go to a peer on this host (same
+kernel, same pid namespace, same user: :func:`host_id`, which each side puts in its zmq
+handshake metadata) travels as the small frames plus one *descriptor* frame; the large
+frames are copied into a segment of the sender's pool (:class:`Pool`), and the receiver
+decodes tensors straight over its mapping of that segment. See "Same-host shared memory" in
+docs/architecture.md for the decision and the figures.
+
+* A segment is an anonymous ``memfd`` (no name in ``/dev/shm``: nothing to leak, whoever is
+  killed). The receiver opens it as ``/proc/<sender pid>/fd/<fd>``, which the kernel allows a
+  process of the same user only.
+* Ownership travels with an ``flock``: for each message the receiver takes a shared lock on
+  an open of its own of the segment and maps that open's header page, a *lease* that every
+  frame of the message holds (the frames are numpy views with the lease attached), so the
+  lock lives as long as any tensor over them (the kernel drops it when the last one is
+  freed, or when the receiver dies). The bytes are read through one mapping per sender
+  segment kept across messages (:class:`Receiver`; :func:`sweep` forgets those whose sender
+  closed them or died). The sender reuses a segment only once the receiver acknowledged it
+  (an ``ack`` word in the segment's header page) *and* an exclusive lock succeeds: what you
+  received is yours as long as you hold it; what you sent you may change at once (it was
+  copied).
+* A descriptor names a segment by ``(pid, fd, gen)``; ``gen`` is a random 63-bit number the
+  sender writes in the header before each use: a receiver that finds another ``gen`` (the
+  segment was reclaimed, or the fd number reused) refuses the message. A segment sent but
+  never acknowledged (its receiver vanished) is reclaimed after :data:`RECLAIM_S`.
+
+Descriptor frame: ``MARK + msgpack([pid, fd, gen, [[index, offset, length], ...]])``, placed
+before the message's first protocol frame; each frame it moved is left as ``b""`` in place.
+``MARK`` is 0xC1, a byte msgpack never uses, so no envelope or reply header starts with it.
+Nothing here touches a socket; ``tests/unit/test_zmq_shm_segments.py`` drives it in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from transferqueue.errors import ActorDiedError, ProtocolError
+
+#: the first byte of a descriptor frame: msgpack's never-used byte
+MARK = 0xC1
+#: the zmq handshake metadata property that carries :func:`host_id`
+HOST_PROPERTY = "X-TQ-Host"
+#: seconds after which a segment sent but never acknowledged may be reused
+RECLAIM_S = 120.0
+_PAGE = mmap.PAGESIZE
+_ALIGN = 64  # each frame starts on a cache line
+_ROUND = 2 << 20  # segment capacities are rounded up to 2 MiB
+_MEMFD_NAME = "tq-shm"
+_GEN, _ACK = slice(0, 8), slice(8, 16)
+
+
+@dataclass(frozen=True)
+class ShmSettings:
+    """What the transport needs of ``zmq.shared_memory`` / ``shm_min_bytes`` / ``shm_pool_bytes``."""
+
+    enabled: bool = True
+    min_bytes: int = 1 << 20
+    pool_bytes: int = 1 << 30
+
+    @classmethod
+    def of(cls, zmq_config: Any) -> ShmSettings:
+        return cls(
+            bool(zmq_config.shared_memory),
+            int(zmq_config.shm_min_bytes),
+            int(zmq_config.shm_pool_bytes),
+        )
+
+
+_host_id: str | None = None
+
+
+def host_id() -> str:
+    """Who can open this process's memfds: same boot, pid namespace and user (and hostname,
+    for a reader). Peers whose ids are equal use shared memory; others the socket."""
+    global _host_id
+    if _host_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+            pidns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:  # no /proc (not Linux): never the same host as anyone
+            boot, pidns = secrets.token_hex(16), 0
+        raw = f"{boot}/{pidns}/{os.getuid()}/{os.uname().nodename}"
+        _host_id = hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return _host_id
+
+
+class Counters:
+    """Bytes of large frames by path, for this process (tests and benchmarks read them)."""
+
+    def __init__(self) -> None:
+        self.sent_shm = self.sent_socket = self.received_shm = 0
+        self.messages_shm = self.fallbacks = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+#: this process's counters (a forked child starts from its parent's figures)
+COUNTERS = Counters()
+
+
+def _nbytes(frame: Any) -> int:
+    if type(frame) is memoryview:
+        return frame.nbytes
+    if type(frame) is bytes:
+        return len(frame)
+    return memoryview(frame).nbytes
+
+
+def large_frames(frames: Sequence[Any], start: int, min_bytes: int) -> list[int]:
+    """Indexes (from ``start``) of the frames that would travel in shared memory."""
+    return [i for i in range(start, len(frames)) if _nbytes(frames[i]) >= min_bytes]
+
+
+class _Segment:
+    def __init__(self, capacity: int) -> None:
+        self.fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, _PAGE + capacity)
+            self.map = mmap.mmap(self.fd, _PAGE + capacity)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self.map)
+        self.capacity = capacity
+        self.gen = 0  # 0: never sent
+        self.sent_at = 0.0
+
+    def reusable(self, now: float) -> bool:
+        """Take the segment for a new message (an exclusive lock, held until :meth:`sent`)
+        if its receiver is done with it."""
+        acked = int.from_bytes(self.view[_ACK], "little") == self.gen
+        if self.gen and not acked and now - self.sent_at < RECLAIM_S:
+            return False  # sent, and the receiver has not taken it yet
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a receiver still maps it
+        return True
+
+    def sent(self, gen: int) -> None:
+        self.gen, self.sent_at = gen, time.monotonic()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+#: set in a forked child: torch's intra-op thread pool may hang there (what DataLoader
+#: workers avoid with ``torch.set_num_threads(1)``), so copies are plain memcpy
+_forked = False
+
+
+def _copy(view: memoryview, at: int, src: memoryview) -> None:
+    """``view[at:] = src``: torch's copy (vectorised; ~1.4x a memoryview assignment here)."""
+    if src.readonly or _forked:  # torch wants writable sources
+        view[at : at + src.nbytes] = src
+        return
+    dst = torch.frombuffer(view, dtype=torch.uint8, count=src.nbytes, offset=at)
+    dst.copy_(torch.frombuffer(src, dtype=torch.uint8))
+
+
+class Pool:
+    """The sending side's segments, reused once their receivers let go; at most
+    ``pool_bytes`` in all (beyond that a message takes the socket)."""
+
+    def __init__(self, pool_bytes: int) -> None:
+        self.pool_bytes = pool_bytes
+        self._segments: list[_Segment] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(s.capacity for s in self._segments)
+
+    def __len__(self) -> int:
+        return len(self._segments)
+
+    def _take(self, need: int) -> _Segment | None:
+        now = time.monotonic()
+        free = [s for s in self._segments if s.capacity >= need and s.reusable(now)]
+        if free:
+            best = min(free, key=lambda s: s.capacity)
+            for s in free:
+                if s is not best:
+                    fcntl.flock(s.fd, fcntl.LOCK_UN)
+            return best
+        capacity = -(-need // _ROUND) * _ROUND
+        if self.held_bytes + capacity > self.pool_bytes:  # drop free segments too small
+            for s in list(self._segments):
+                if s.reusable(now):
+                    self._segments.remove(s)
+                    s.close()
+                if self.held_bytes + capacity <= self.pool_bytes:
+                    break
+            else:
+                return None
+        seg = _Segment(capacity)
+        fcntl.flock(seg.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._segments.append(seg)
+        return seg
+
+    def pack(self, frames: Sequence[Any], indexes: Sequence[int], start: int) -> list[Any] | None:
+        """``frames`` with those at ``indexes`` moved into a segment and a descriptor frame
+        inserted at ``start``; None when no segment can be had (full, or no memfd)."""
+        parts, offset = [], 0
+        for i in indexes:
+            n = _nbytes(frames[i])
+            parts.append([i, offset, n])
+            offset += -(-n // _ALIGN) * _ALIGN
+        with self._lock:
+            if os.getpid() != self._pid:  # a forked child: its parent's segments are not its own
+                self._segments, self._pid = [], os.getpid()
+            try:
+                seg = self._take(offset)
+            except OSError:
+                return None
+            if seg is None:
+                return None
+            gen = secrets.randbits(63) | 1
+            view = seg.view
+            try:
+                for (_, off, _n), frame in zip(parts, (frames[i] for i in indexes)):
+                    _copy(view, _PAGE + off, memoryview(frame).cast("B"))
+            except BaseException:
+                fcntl.flock(seg.fd, fcntl.LOCK_UN)  # never sent: free for the next message
+                raise
+            view[_GEN] = gen.to_bytes(8, "little")
+            seg.sent(gen)
+        out = list(frames)
+        for i in indexes:
+            out[i] = b""
+        out.insert(start, bytes([MARK]) + msgpack.packb([self._pid, seg.fd, gen, parts]))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._segments:
+                with contextlib.suppress(OSError, BufferError):
+                    s.close()
+            self._segments = []
+
+
+_pools: dict[int, Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def pool(pool_bytes: int) -> Pool:
+    """This process's pool (one per process; the first caller sizes it)."""
+    pid = os.getpid()
+    with _pools_lock:
+        p = _pools.get(pid)
+        if p is None:
+            p = _pools[pid] = Pool(pool_bytes)
+        return p
+
+
+def pack(frames: list[Any], start: int, settings: ShmSettings, same_host: bool) -> list[Any]:
+    """The frames to send: large ones through shared memory when the peer is on this host,
+    else ``frames`` themselves. Counts the bytes of large frames by path."""
+    indexes = large_frames(frames, start, settings.min_bytes)
+    if not indexes:
+        return frames
+    size = sum(_nbytes(frames[i]) for i in indexes)
+    if settings.enabled and same_host:
+        out = pool(settings.pool_bytes).pack(frames, indexes, start)
+        if out is not None:
+            COUNTERS.sent_shm += size
+            COUNTERS.messages_shm += 1
+            return out
+        COUNTERS.fallbacks += 1
+    COUNTERS.sent_socket += size
+    return frames
+
+
+def count_socket(frames: Sequence[Any], min_bytes: int) -> None:
+    """Count the large frames of a message that takes the socket without :func:`pack`."""
+    for i in large_frames(frames, 0, min_bytes):
+        COUNTERS.sent_socket += _nbytes(frames[i])
+
+
+def is_descriptor(buf: Any) -> bool:
+    return _nbytes(buf) > 0 and memoryview(buf)[0] == MARK
+
+
+class _Leased(np.ndarray):
+    """A received frame: a view of a cached segment mapping that holds its message's lease
+    (a one-page mapping of the receiver's locked open of the segment)."""
+
+    lease: mmap.mmap | None = None
+
+
+@dataclass
+class _Mapped:
+    map: mmap.mmap
+    ino: int
+
+
+class Receiver:
+    """The receiving side: one mapping per sender segment, kept across messages (mapping a
+    segment afresh for each message, then unmapping it, cost as much as the copy out of it),
+    at most ``cache_bytes`` of them; each message's frames hold a lease of their own."""
+
+    def __init__(self, cache_bytes: int = 1 << 30) -> None:
+        self.cache_bytes = cache_bytes
+        self._maps: dict[tuple[int, int], _Mapped] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def unpack(self, bufs: list[Any], start: int) -> list[Any]:
+        try:
+            pid, fd, gen, parts = msgpack.unpackb(memoryview(bufs[start])[1:])
+            end = max(off + n for _, off, n in parts)
+        except Exception as exc:
+            raise ProtocolError(f"a shared-memory descriptor could not be decoded: {exc}") from None
+        path = f"/proc/{pid}/fd/{fd}"
+        rfd = _open(path)
+        try:
+            lease, ino, size = _lease(rfd, path, gen, end)
+            data = self._mapping(pid, fd, ino, size, path)
+        finally:
+            os.close(rfd)
+        lease[_ACK] = gen.to_bytes(8, "little")
+        out = bufs[:start] + bufs[start + 1 :]
+        for i, off, n in parts:
+            view = np.frombuffer(data, np.uint8, n, _PAGE + off).view(_Leased)
+            view.lease = lease
+            out[i] = view
+        COUNTERS.received_shm += sum(n for _, _, n in parts)
+        return out
+
+    def _mapping(self, pid: int, fd: int, ino: int, size: int, path: str) -> mmap.mmap:
+        with self._lock:
+            known = self._maps.get((pid, fd))
+            if known is not None and known.ino == ino and len(known.map) >= size:
+                return known.map
+            self._sweep(drop=(pid, fd))
+            mfd = _open(path)  # an open of its own: the mapping must hold no message's lock
+            try:
+                mapped = _Mapped(mmap.mmap(mfd, os.fstat(mfd).st_size), ino)
+            finally:
+                os.close(mfd)
+            self._maps[(pid, fd)] = mapped
+            return mapped.map
+
+    def _sweep(self, drop: tuple[int, int] | None = None) -> None:
+        """Forget the mappings of segments their senders closed (or died with), of ``drop``,
+        and the oldest beyond ``cache_bytes``; frames still alive keep theirs mapped."""
+        for (pid, fd), m in list(self._maps.items()):
+            try:
+                gone = (pid, fd) == drop or os.stat(f"/proc/{pid}/fd/{fd}").st_ino != m.ino
+            except OSError:
+                gone = True
+            if gone:
+                del self._maps[(pid, fd)]
+        while self._maps and sum(len(m.map) for m in self._maps.values()) > self.cache_bytes:
+            del self._maps[next(iter(self._maps))]
+
+    def sweep(self) -> None:
+        with self._lock:
+            self._sweep()
+
+
+#: this process's receiving side
+RECEIVER = Receiver()
+
+
+def unpack(bufs: list[Any], start: int) -> list[Any]:
+    """``bufs`` with a descriptor at ``start`` (if any) resolved: each moved frame becomes an
+    array over the sender's segment, which stays this receiver's while any of them lives.
+    Raises ProtocolError for a descriptor that does not resolve (ActorDiedError when its
+    sender is gone)."""
+    if len(bufs) <= start or not is_descriptor(bufs[start]):
+        return bufs
+    return RECEIVER.unpack(bufs, start)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with fresh locks (a parent thread may have held one) and makes
+    its own pool (:func:`pool` is per process)."""
+    global _pools_lock, _forked
+    _pools_lock, _forked = threading.Lock(), True
+    RECEIVER._lock = threading.Lock()
+    for p in _pools.values():
+        p._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def sweep() -> None:
+    """Unmap what this process keeps mapped of segments their senders closed or died with."""
+    RECEIVER.sweep()
+
+
+def _open(path: str) -> int:
+    try:
+        if not os.readlink(path).startswith(f"/memfd:{_MEMFD_NAME}"):
+            raise ProtocolError(f"{path} is not a transferqueue segment")
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ActorDiedError(f"the sender of a shared-memory message ({path}) is gone") from None
+    except OSError as exc:
+        raise ProtocolError(f"cannot open the shared-memory segment {path}: {exc}") from None
+
+
+def _lease(rfd: int, path: str, gen: int, end: int) -> tuple[mmap.mmap, int, int]:
+    """Lock ``rfd`` shared and map its header page (which holds the open file, and so the
+    lock, while the message's frames live): (lease, inode, bytes needed)."""
+    try:
+        fcntl.flock(rfd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ProtocolError(f"the shared-memory segment {path} was reclaimed") from None
+    st = os.fstat(rfd)
+    if int.from_bytes(os.pread(rfd, 8, 0), "little") != gen or st.st_size < _PAGE + end:
+        raise ProtocolError(f"the shared-memory segment {path} was reclaimed")
+    return mmap.mmap(rfd, _PAGE), st.st_ino, _PAGE + end
