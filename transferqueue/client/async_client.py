@@ -47,6 +47,11 @@ _REPORT_TIMEOUT_S = 2.0
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
 _WAIT_MARGIN_S = 30.0
 
+#: a put of at most this many payload bytes goes to the controller with its batch, which
+#: writes it to its unit and commits: one round trip instead of three (docs/architecture.md
+#: "The put path"); larger puts go straight to the units
+PUT_THROUGH_BYTES = 256 * 1024
+
 
 class AsyncTransferQueueClient:
     """Talks to one transferqueue system: a controller and its storage units."""
@@ -60,6 +65,7 @@ class AsyncTransferQueueClient:
         #: its bytes landed, before the commit (fault tests stop a process there)
         self.put_hook: Callable[[str], Awaitable[None]] | None = None
         self._my_node: str | None = None  # where puts ask for their rows (locality)
+        self._node_known = False
         # results made of replies the transport does not hand over are copies
         self._replies_borrowed = bool(units) and not (
             transport_class(units[0].address.transport).replies_owned
@@ -240,10 +246,17 @@ class AsyncTransferQueueClient:
     ) -> BatchMeta:
         started = time.monotonic()
         nbytes = payload_bytes(columns)
+        tag_list = list(tags) if tags is not None else None
+        if self.put_hook is None and nbytes <= PUT_THROUGH_BYTES and _through(columns):
+            # a small put: the controller writes it to the units and commits (one round
+            # trip for this client; controller/put_through.py)
+            return await self._controller.call(
+                "put", partition_id, specs, columns, n, rows, keys, tag_list, nbytes,
+                self.client_id, node=self._node(),
+            )  # fmt: skip
         begun = await self._controller.call(
-            "begin_put", partition_id, specs, n, rows, keys,
-            list(tags) if tags is not None else None, nbytes, self.client_id,
-            node=self._node(),
+            "begin_put", partition_id, specs, n, rows, keys, tag_list, nbytes,
+            self.client_id, node=self._node(),
         )  # fmt: skip
         lease = begun["lease"]
         try:
@@ -274,8 +287,9 @@ class AsyncTransferQueueClient:
 
     def _node(self) -> str | None:
         """This process's node, as the transport names nodes (None: it does not say)."""
-        if self._my_node is None and self._units:
+        if not self._node_known and self._units:
             self._my_node = transport_class(self._units[0].address.transport).local_node()
+            self._node_known = True  # None too: asked once, not on every put
         return self._my_node
 
     def _crossed_bytes(self, units: list[int], nbytes: int) -> int:
@@ -624,6 +638,22 @@ def _plain(columns: dict[str, Any]) -> bool:
         isinstance(c, list) or (isinstance(c, torch.Tensor) and not c.is_nested)
         for c in columns.values()
     )
+
+
+_SCALARS = (str, bytes, int, float, bool, type(None), torch.Tensor)
+
+
+def _through(columns: dict[str, Any]) -> bool:
+    """Whether a small put may go through the controller: plain tensors, or lists of
+    tensors and scalars (anything else the codec may refuse goes the long way, so that
+    its error comes after ``begin_put``, as for any write that fails)."""
+    for c in columns.values():
+        if isinstance(c, torch.Tensor):
+            if c.is_nested:
+                return False
+        elif not isinstance(c, list) or not all(isinstance(v, _SCALARS) for v in c):
+            return False
+    return True
 
 
 def _meta_arg(meta: BatchMeta | None, metadata: BatchMeta | None) -> BatchMeta:
