@@ -29,6 +29,10 @@ faults: what any write into new buffers pays); the storage unit's ``Store`` alon
 ``copy_`` rate into pre-touched memory: the bound on an inproc round trip, which copies the
 batch twice (into the store on put, out of it on get).
 
+Back-to-back puts (zmq, issue 12 item 5): 24 puts of dense 16/64/128 MiB in a row (each
+partition cleared after its put), each followed by a bare pyzmq send of the same frames;
+p50, p99 and p99 / p50 of both (target: the put's p99 / p50 <= 1.5).
+
 ``--curve`` (``python -m transferqueue bench data --transport zmq --curve``) measures the
 cost of CURVE instead: two zmq systems (controller + 2 units each) started in the same
 run, one plain and one with CURVE keys (``zmq.curve``), each with its consumer process;

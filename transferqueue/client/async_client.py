@@ -5,7 +5,9 @@ unit of each) under a put lease, every field is written to the storage units in 
 bounded by the lease, and only then is the put committed to the controller, which makes the
 rows' fields and tags visible in one step. Any failure -- a write, the commit itself, a
 cancellation -- aborts the lease, and the controller gives the rows back; a client that
-dies mid-put leaves a lease that expires.
+dies mid-put leaves a lease that expires. A small put (``PUT_THROUGH_BYTES``) sends the
+batch with its ``begin_put`` to the controller, which runs the same three steps itself:
+one round trip for the client (:mod:`transferqueue.controller.put_through`).
 """
 
 from __future__ import annotations
