@@ -252,9 +252,11 @@ class AsyncTransferQueueClient:
         if self.put_hook is None and nbytes <= PUT_THROUGH_BYTES and _through(columns):
             # a small put: the controller writes it to the units and commits (one round
             # trip for this client; controller/put_through.py)
+            bound = self.config.runtime.call_timeout  # begin_put's, then the lease's writes
             return await self._controller.call(
                 "put", partition_id, specs, columns, n, rows, keys, tag_list, nbytes,
                 self.client_id, node=self._node(),
+                timeout=None if bound is None else bound + self.config.controller.put_lease_s,
             )  # fmt: skip
         begun = await self._controller.call(
             "begin_put", partition_id, specs, n, rows, keys, tag_list, nbytes,
