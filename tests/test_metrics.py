@@ -64,8 +64,7 @@ def test_a_scrape_before_and_after_work_shows_the_figures_move(metered) -> None:
     assert (
         _value(after, "transferqueue_gets_total") == _value(before, "transferqueue_gets_total") + 1
     )
-    # a small put is one controller request, "put" (it writes to the unit and commits)
-    commit = {"actor": "controller", "unit": "", "method": "put"}
+    commit = {"actor": "controller", "unit": "", "method": "commit"}
     assert _value(after, "transferqueue_requests_total", **commit) == 1.0
     assert _value(after, "transferqueue_request_duration_seconds_count", **commit) == 1.0
     assert (

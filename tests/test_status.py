@@ -218,11 +218,10 @@ def test_status_json_reports_a_running_zmq_system_field_by_field(
     if zmq_system.handles[0].pid is not None:
         assert ctl["pid"] == zmq_system.handles[0].pid
     methods = ctl["requests"]["methods"]
-    # a small put is one controller request, "put" (controller/put_through.py)
-    assert methods["put"]["calls"] - before.get("put", {}).get("calls", 0) == 1
+    assert methods["commit"]["calls"] - before.get("commit", {}).get("calls", 0) == 1
     assert methods["get_meta"]["calls"] - before.get("get_meta", {}).get("calls", 0) == 1
     assert methods["get_meta"]["in_flight"] == 1  # the waiting consumer
-    assert 0 < methods["put"]["p99_s"] < 60
+    assert 0 < methods["commit"]["p99_s"] < 60
     assert methods["partition_info"]["errors"].get("PartitionNotFoundError", 0) >= 1
     assert methods["*"]["per_s"] > 0 and methods["*"]["p99_s"] is not None
 
@@ -327,7 +326,7 @@ def test_tq_status_is_the_same_data_for_the_default_system() -> None:
         assert part["produced"] == {"x": 5} and part["consumed"] == {"t": 5}
         assert sum(u["rows"] for u in data["units"]) == 5
         methods = data["controller"]["requests"]["methods"]
-        assert methods["put"]["calls"] == 1 and methods["get_meta"]["calls"] == 1
+        assert methods["commit"]["calls"] == 1 and methods["get_meta"]["calls"] == 1
         windowed = tq.status(interval=0.05)
         assert windowed["interval_s"] > 0
         assert windowed["controller"]["requests"]["window_s"] > 0
@@ -344,7 +343,7 @@ def test_every_actor_answers_the_stats_request(system, pid) -> None:
         data = report(runtime_loop().run(collect(controller)))
     finally:
         runtime_loop().run(controller.aclose())
-    assert data["controller"]["requests"]["methods"]["put"]["calls"] >= 1
+    assert data["controller"]["requests"]["methods"]["commit"]["calls"] >= 1
     assert any(p["partition_id"] == pid for p in data["partitions"])
     assert len(data["units"]) == system.config.storage.units
     assert all(u["requests"] is not None and "error" not in u for u in data["units"])

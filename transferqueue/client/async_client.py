@@ -5,9 +5,7 @@ unit of each) under a put lease, every field is written to the storage units in 
 bounded by the lease, and only then is the put committed to the controller, which makes the
 rows' fields and tags visible in one step. Any failure -- a write, the commit itself, a
 cancellation -- aborts the lease, and the controller gives the rows back; a client that
-dies mid-put leaves a lease that expires. A small put (``PUT_THROUGH_BYTES``) sends the
-batch with its ``begin_put`` to the controller, which runs the same three steps itself:
-one round trip for the client (:mod:`transferqueue.controller.put_through`).
+dies mid-put leaves a lease that expires.
 """
 
 from __future__ import annotations
@@ -48,11 +46,6 @@ _REPORT_TIMEOUT_S = 2.0
 
 #: seconds added to a waiting get_meta's own timeout to form the call's timeout
 _WAIT_MARGIN_S = 30.0
-
-#: a put of at most this many payload bytes goes to the controller with its batch, which
-#: writes it to its unit and commits: one round trip instead of three (docs/architecture.md
-#: "The put path"); larger puts go straight to the units
-PUT_THROUGH_BYTES = 256 * 1024
 
 
 class AsyncTransferQueueClient:
@@ -249,15 +242,6 @@ class AsyncTransferQueueClient:
         started = time.monotonic()
         nbytes = payload_bytes(columns)
         tag_list = list(tags) if tags is not None else None
-        if self.put_hook is None and nbytes <= PUT_THROUGH_BYTES and _through(columns):
-            # a small put: the controller writes it to the units and commits (one round
-            # trip for this client; controller/put_through.py)
-            bound = self.config.runtime.call_timeout  # begin_put's, then the lease's writes
-            return await self._controller.call(
-                "put", partition_id, specs, columns, n, rows, keys, tag_list, nbytes,
-                self.client_id, node=self._node(),
-                timeout=None if bound is None else bound + self.config.controller.put_lease_s,
-            )  # fmt: skip
         begun = await self._controller.call(
             "begin_put", partition_id, specs, n, rows, keys, tag_list, nbytes,
             self.client_id, node=self._node(),
@@ -642,22 +626,6 @@ def _plain(columns: dict[str, Any]) -> bool:
         isinstance(c, list) or (isinstance(c, torch.Tensor) and not c.is_nested)
         for c in columns.values()
     )
-
-
-_SCALARS = (str, bytes, int, float, bool, type(None), torch.Tensor)
-
-
-def _through(columns: dict[str, Any]) -> bool:
-    """Whether a small put may go through the controller: plain tensors, or lists of
-    tensors and scalars (anything else the codec may refuse goes the long way, so that
-    its error comes after ``begin_put``, as for any write that fails)."""
-    for c in columns.values():
-        if isinstance(c, torch.Tensor):
-            if c.is_nested:
-                return False
-        elif not isinstance(c, list) or not all(isinstance(v, _SCALARS) for v in c):
-            return False
-    return True
 
 
 def _meta_arg(meta: BatchMeta | None, metadata: BatchMeta | None) -> BatchMeta:

@@ -26,7 +26,6 @@ import torch
 
 from transferqueue.controller.checkpoints import CheckpointMethods
 from transferqueue.controller.leases import Release
-from transferqueue.controller.put_through import PutThrough
 from transferqueue.controller.state import ControllerState
 from transferqueue.errors import ActorDiedError, PartitionNotFoundError
 from transferqueue.metadata import BatchMeta, PartitionInfo
@@ -56,9 +55,9 @@ class _Waiters:
         await asyncio.wait_for(self._event.wait(), timeout)
 
 
-class ControllerActor(CheckpointMethods, PutThrough):
+class ControllerActor(CheckpointMethods):
     """Remote methods of the control plane (see :class:`AsyncTransferQueueClient`);
-    checkpoints: :class:`CheckpointMethods`; a small put in one call: :class:`PutThrough`."""
+    checkpoints: :class:`CheckpointMethods`."""
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ and not one endpoint per actor: docs/operability.md.
 
 Families (all prefixed ``transferqueue_``): ``up``; per actor and method ``requests_total``,
 ``requests_in_flight``, ``request_duration_seconds`` (histogram), ``request_errors_total``
-(by exception type); ``puts_total`` / ``gets_total`` (controller ``commit`` + ``put`` / ``get_meta``);
+(by exception type); ``puts_total`` / ``gets_total`` (controller ``commit`` / ``get_meta``);
 per unit ``unit_bytes``, ``unit_capacity_bytes``, ``unit_rows``, ``unit_waiting_puts``; per
 partition ``partition_rows`` (by state: size, pending, in_flight, lost),
 ``partition_produced_rows`` (by field), ``partition_consumed_rows`` and
@@ -95,7 +95,7 @@ def families(raw: Mapping[str, Any] | None) -> Iterator[Any]:
             latency.add_metric(key, cumulative, m["seconds"])
             for kind, n in m["errors"].items():
                 errors.add_metric([*key, kind], n)
-            if actor == "controller" and method in ("commit", "put"):  # "put": a small one
+            if actor == "controller" and method == "commit":
                 puts.add_metric([], m["calls"])
             if actor == "controller" and method == "get_meta":
                 gets.add_metric([], m["calls"])
