@@ -29,6 +29,10 @@ faults: what any write into new buffers pays); the storage unit's ``Store`` alon
 ``copy_`` rate into pre-touched memory: the bound on an inproc round trip, which copies the
 batch twice (into the store on put, out of it on get).
 
+Back-to-back puts (zmq, issue 12 item 5): 24 puts of dense 16/64/128 MiB in a row (each
+partition cleared after its put), each followed by a bare pyzmq send of the same frames;
+p50, p99 and p99 / p50 of both (target: the put's p99 / p50 <= 1.5).
+
 ``--curve`` (``python -m transferqueue bench data --transport zmq --curve``) measures the
 cost of CURVE instead: two zmq systems (controller + 2 units each) started in the same
 run, one plain and one with CURVE keys (``zmq.curve``), each with its consumer process;
@@ -50,7 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import BareZmq, MiB, fmt, p50, print_grid, rate, setup_path, zmq_config
+from _common import BareZmq, MiB, Table, fmt, p50, pct, print_grid, rate, setup_path, zmq_config
 from tensordict import TensorDict
 
 import transferqueue as tq
@@ -391,6 +395,7 @@ def run(quick: bool = False, transport: str | None = None, curve: bool = False) 
     try:
         if "zmq" in wanted:
             figures["zmq"] = run_remote("zmq", work)
+            figures["zmq_back_to_back"] = back_to_back()
         if "inproc" in wanted:
             figures["inproc"] = run_inproc(work)
         if not quick and "ray" in wanted:  # the 128 MiB workloads only (start-up: ~30 s)
@@ -469,6 +474,55 @@ def run(quick: bool = False, transport: str | None = None, curve: bool = False) 
             right={2, 3, 4, 6, 7},
         )
     return figures
+
+
+# ----------------------------------------------------- back-to-back puts (issue 12, item 5)
+STALL_PUTS = 24
+STALL_TARGET = 1.5
+
+
+def back_to_back(puts: int = STALL_PUTS) -> dict[str, dict[str, float]]:
+    """``puts`` back-to-back zmq puts of dense 16/64/128 MiB (each partition cleared after
+    its put): p50 and p99 in ms, and p99 / p50. Baseline, alternating with them put by put
+    so both see the same host: a bare pyzmq DEALER -> ROUTER send of the same frames
+    (``codec.encode`` of the batch) to a server process that acks it."""
+    tq.init(zmq_config())
+    client = tq.get_client()
+    bare = BareZmq("ack")
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for mib in (16, 64, 128):
+            batch, _, _ = dense(mib)
+            frames = codec.encode(dict(batch.items()))
+            times: dict[str, list[float]] = {"put": [], "bare": []}
+            for i in range(puts + 2):  # two warm-ups
+                pid = f"stall-{mib}-{i}"
+                t0 = time.perf_counter()
+                client.put(batch, partition_id=pid)
+                dt = time.perf_counter() - t0
+                client.clear_partition(pid)
+                t_bare = bare.roundtrip(frames)
+                if i >= 2:
+                    times["put"].append(dt)
+                    times["bare"].append(t_bare)
+            for kind, ts in times.items():
+                out[f"{kind} {mib} MiB"] = {
+                    "p50_ms": p50(ts) * 1e3,
+                    "p99_ms": pct(ts, 99) * 1e3,
+                    "ratio": pct(ts, 99) / p50(ts),
+                }
+    finally:
+        bare.close()
+        tq.close()
+    table = Table(f"zmq: {puts} back-to-back puts of a dense batch (1024 rows, 5 fields, 2 units)")
+    for mib in (16, 64, 128):
+        put, base = out[f"put {mib} MiB"], out[f"bare {mib} MiB"]
+        ok = put["ratio"] <= STALL_TARGET
+        table.add(f"{mib} MiB: put p99 / p50", put["ratio"], "x", "bare pyzmq", base["ratio"],
+                  f"<= {STALL_TARGET}", ok)  # fmt: skip
+        table.add(f"{mib} MiB: put p50", put["p50_ms"], "ms", "bare pyzmq", base["p50_ms"])
+    table.print()
+    return out
 
 
 def _target(name: str, transport: str, f: dict[str, float]) -> tuple[str, bool | None]:

@@ -60,6 +60,7 @@ class AsyncTransferQueueClient:
         #: its bytes landed, before the commit (fault tests stop a process there)
         self.put_hook: Callable[[str], Awaitable[None]] | None = None
         self._my_node: str | None = None  # where puts ask for their rows (locality)
+        self._node_known = False
         # results made of replies the transport does not hand over are copies
         self._replies_borrowed = bool(units) and not (
             transport_class(units[0].address.transport).replies_owned
@@ -240,10 +241,10 @@ class AsyncTransferQueueClient:
     ) -> BatchMeta:
         started = time.monotonic()
         nbytes = payload_bytes(columns)
+        tag_list = list(tags) if tags is not None else None
         begun = await self._controller.call(
-            "begin_put", partition_id, specs, n, rows, keys,
-            list(tags) if tags is not None else None, nbytes, self.client_id,
-            node=self._node(),
+            "begin_put", partition_id, specs, n, rows, keys, tag_list, nbytes,
+            self.client_id, node=self._node(),
         )  # fmt: skip
         lease = begun["lease"]
         try:
@@ -274,8 +275,9 @@ class AsyncTransferQueueClient:
 
     def _node(self) -> str | None:
         """This process's node, as the transport names nodes (None: it does not say)."""
-        if self._my_node is None and self._units:
+        if not self._node_known and self._units:
             self._my_node = transport_class(self._units[0].address.transport).local_node()
+            self._node_known = True  # None too: asked once, not on every put
         return self._my_node
 
     def _crossed_bytes(self, units: list[int], nbytes: int) -> int:

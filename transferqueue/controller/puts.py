@@ -75,8 +75,8 @@ class PutsAndBytes:
         def allocate(self, pid: str, n: int, keys: Sequence[str] | None = None) -> list[int]: ...
         def upsert_keys(self, pid: str, keys: Sequence[str]) -> tuple[list[int], list[bool]]: ...
         def release(self, pid: str, rows: Any, slots: Any = None) -> None: ...
-        def commit(
-            self, pid: str, rows: Any, fields: Mapping[str, Any], tags: Any = None
+        def publish(
+            self, part: Partition, arr: np.ndarray, specs: Mapping[str, FieldSpec], tags: Any
         ) -> None: ...
         def meta_of(
             self, pid: str, rows: Any, fields: Sequence[str], check: bool = True
@@ -128,7 +128,7 @@ class PutsAndBytes:
             part.n_pending -= len(slots)
         else:
             part = self._ensure(pid)
-            pending_before = part.state[: part.n] == PENDING
+            pending_left = part.n_pending  # rows come from pending slots first
             if keys is not None:
                 known = [part.keys[k] for k in keys if isinstance(k, str) and k in part.keys]
                 self._check_not_busy(part, np.array(known, dtype=np.int64))
@@ -137,9 +137,7 @@ class PutsAndBytes:
                 fresh = got[np.array(is_new, dtype=bool)] if len(got) else got
             else:
                 got = fresh = np.array(self.allocate(pid, n), dtype=np.int64)
-            was_pending = fresh < len(pending_before)
-            was_pending[was_pending] = pending_before[fresh[was_pending]]
-            slots = fresh[was_pending]
+            slots = fresh[: pending_left - part.n_pending]  # the first ones allocated
         if len(fresh):
             units, part.next_unit = self.placement.assign(part.next_unit, len(fresh), node)
             part.unit[fresh] = units
@@ -262,7 +260,9 @@ class PutsAndBytes:
                 f"rows {gone.tolist()[:16]} of partition {lease.pid!r} were cleared while the "
                 f"put was writing them: nothing was published"
             )
-        self.commit(lease.pid, lease.rows, lease.specs, lease.tags)
+        # rows and tags were checked at begin_put and the rows' states just now; the specs
+        # are checked again (a concurrent first put of a field may have fixed its rank)
+        self.publish(part, lease.rows, self._check_specs(lease.pid, lease.specs), lease.tags)
         self.leases.pop(lease_id)
         self.capacity.settle(lease.nbytes, net_bytes)
         fields = list(lease.specs)
@@ -270,7 +270,7 @@ class PutsAndBytes:
             # a put by key returns the keys' metadata, as upstream's kv_put: every field
             # all of them have, not only the ones this put wrote
             fields = self.common_fields(lease.pid, lease.rows.tolist())
-        return self.meta_of(lease.pid, lease.rows, fields)
+        return self.meta_of(lease.pid, lease.rows, fields, check=False)
 
     def end_lease(self, lease_id: int, reason: str = "aborted") -> Release | None:
         """End a live lease without publishing; ``None`` if it already ended (a commit

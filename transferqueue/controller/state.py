@@ -299,8 +299,17 @@ class ControllerState(PutsAndBytes, StatusQueries):
         part = self._get(pid)
         arr = rows_array(rows)
         part.check_rows(arr, "commit")
-        specs = self._check_specs(pid, fields)
-        checked = check_tags(tags, len(arr))
+        self.publish(part, arr, self._check_specs(pid, fields), check_tags(tags, len(arr)))
+
+    def publish(
+        self,
+        part: Partition,
+        arr: np.ndarray,
+        specs: Mapping[str, FieldSpec],
+        checked: Sequence[Mapping[str, Any] | None] | None,
+    ) -> None:
+        """The step of :meth:`commit` after its checks: ``arr`` (distinct rows in flight or
+        committed), checked ``specs`` and tags (``None``: no tags)."""
         for name, spec in specs.items():
             if name not in part.specs:
                 part.specs[name] = spec
@@ -309,7 +318,8 @@ class ControllerState(PutsAndBytes, StatusQueries):
                 part.specs[name] = promoted(part.specs[name], spec) or spec
             part.prod[name][arr] = True
         part.state[arr] = COMMITTED
-        part.merge_tags(arr, checked)
+        if checked is not None:
+            part.merge_tags(arr, list(checked))
 
     def set_tags(self, pid: str, rows: Sequence[int], tags: Sequence[Mapping[str, Any]]) -> None:
         """Merge ``tags`` (one dict per row) into the tags of ``rows``."""
