@@ -220,8 +220,9 @@ def test_pipeline_across_namespaces_with_curve_keys(namespaces, tmp_path: Path) 
         checker.send(json.dumps(refused))
         checked = json.loads(checker.expect("CHECKED", 120))
         print(f"\nserving after {served:.1f} s; across the veth: {checked}")
-        for why in refused:
-            assert isinstance(checked[why], float) and checked[why] < 2.0, (why, checked[why])
+        for why in refused:  # at once: well before the 30 s call timeout (a loaded 2-core
+            # host has taken 2-3 s for the attach, the handshake and its refusal together)
+            assert isinstance(checked[why], float) and checked[why] < 10.0, (why, checked[why])
         assert "zmq.advertise_host" in checked["wildcard without a route"]
         consumer.expect("READY", 120)
         producer.send(good)  # after the refusals: the server served on
