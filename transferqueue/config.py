@@ -131,9 +131,10 @@ class ZmqConfig:
     ipc_dir: str | None = None
     #: seconds an actor process may take to start
     start_timeout: float = 60.0
-    #: raise glibc's mmap and trim thresholds in a process that connects to zmq actors, so
-    #: big messages land in reused heap pages, not fresh ones (see transferqueue.runtime.memory);
-    #: actor processes always do. Up to 1 GiB of freed memory then stays mapped for reuse
+    #: raise glibc's mmap and trim thresholds in a process that connects to zmq actors or
+    #: hosts inproc ones, so big messages and results land in reused heap pages, not fresh
+    #: ones (see transferqueue.runtime.memory); zmq and ray actor processes always do. Up to
+    #: 1 GiB of freed memory then stays mapped for reuse
     tune_malloc: bool = True
     #: torch intra-op threads in an actor process (``torch.set_num_threads``). An actor
     #: copies rows and moves frames; torch's parallel copies of rows over 64 KiB, with their

@@ -40,6 +40,12 @@ async def connect():
 asyncio.run(connect())
 """
 
+INPROC = """
+import transferqueue as tq
+tq.init({{"transport": "inproc", "zmq": {{"tune_malloc": {tune}}}}})
+tq.close()
+"""
+
 
 def _mapped_by_big_malloc(setup: str, env: dict[str, str]) -> int:
     code = MAPPED.format(setup=setup)
@@ -60,12 +66,15 @@ def test_malloc_tuning_applies_on_glibc(python_env) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_a_zmq_client_process_takes_big_buffers_from_the_heap(python_env) -> None:
+def test_zmq_client_and_inproc_processes_take_big_buffers_from_the_heap(python_env) -> None:
     assert _mapped_by_big_malloc("", python_env) >= 64 << 20  # glibc's default: a fresh map
     assert _mapped_by_big_malloc(CODE.replace("print", "assert "), python_env) == 0
     # connecting to zmq actors tunes the process, unless the config says not to
     assert _mapped_by_big_malloc(CONNECT.format(tune=True), python_env) == 0
     assert _mapped_by_big_malloc(CONNECT.format(tune=False), python_env) >= 64 << 20
+    # so does hosting an inproc system's actors
+    assert _mapped_by_big_malloc(INPROC.format(tune=True), python_env) == 0
+    assert _mapped_by_big_malloc(INPROC.format(tune=False), python_env) >= 64 << 20
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64])

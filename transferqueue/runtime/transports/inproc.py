@@ -18,6 +18,7 @@ from typing import Any
 from transferqueue.config import Config
 from transferqueue.errors import ActorClosedError, TransportUnavailableError
 from transferqueue.runtime.loop import LoopThread, runtime_loop
+from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports import _protocol as protocol
 from transferqueue.runtime.transports._protocol import (
     Dispatcher,
@@ -138,6 +139,10 @@ class InprocTransport(Transport):
         name: str | None = None,
     ) -> ActorHandle:
         loop_thread = runtime_loop()
+        if self.config.zmq.tune_malloc:
+            # this process hosts the actors: big buffers (store, results) reuse heap pages,
+            # as in an actor process of the other transports (runtime/memory.py)
+            tune_malloc_for_large_buffers()
         actor = target(*args, **dict(kwargs or {}))
         hosted = _Hosted(actor, loop_thread)
         start = hosted.dispatcher.start()
