@@ -95,7 +95,8 @@ def _td() -> Any:
 
 
 def _from_tensordict(t: type) -> bool:
-    return t.__module__.startswith("tensordict")
+    module = getattr(t, "__module__", None)
+    return isinstance(module, str) and module.startswith("tensordict")
 
 
 class _UnsupportedError(TypeError):
