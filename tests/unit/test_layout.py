@@ -183,6 +183,7 @@ def test_actor_processes_start_without_tensordict() -> None:
 def test_the_package_names_resolve_on_first_use() -> None:
     import transferqueue as tq
 
+    assert set(tq.__all__) == set(tq._EXPORTS)  # one table says where each name lives
     assert set(tq.__all__) <= set(dir(tq))
     for name in tq.__all__:
         assert getattr(tq, name) is not None
