@@ -15,8 +15,9 @@ on VMs a page fault costs so much that copying into fresh pages runs at a fifth 
 speed. Raising the mmap threshold to 1 GiB (32 MiB where glibc refuses more) and the trim
 threshold to 1 GiB makes such buffers come from the heap and be reused: a zmq get of a
 128 MiB batch ran ~1.6x faster in the consumer with it. The price: up to 1 GiB of freed
-memory stays mapped in the process. Actor processes always apply it; a process that connects
-to zmq actors does unless ``zmq.tune_malloc`` is false (then the environment variables
+memory stays mapped in the process. zmq and Ray actor processes always apply it; a process
+that connects to zmq actors, or hosts an inproc system's actors, does unless
+``zmq.tune_malloc`` is false (then the environment variables
 ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824`` do the same).
 """
 
