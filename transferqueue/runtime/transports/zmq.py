@@ -18,7 +18,7 @@
   :class:`~transferqueue.errors.AuthenticationError` at once.
 * Between peers on one host, large frames travel through shared memory
   (:mod:`transferqueue.runtime.transports.zmq_shm`): each side names its host in the
-  handshake's metadata (:func:`tag_host`), and a message to a peer of the same host carries a
+  handshake's metadata (:func:`~.zmq_shm.tag_host`), and a message to a peer of the same host carries a
   descriptor of a memfd segment in place of those frames.
 """
 
@@ -86,20 +86,6 @@ def _context() -> zmq.Context[zmq.Socket[bytes]]:
     if ctx is None:
         ctx = _contexts[pid] = zmq.Context(io_threads=_IO_THREADS)
     return ctx
-
-
-def tag_host(sock: zmq.Socket[bytes], shm: zmq_shm.ShmSettings) -> None:
-    """Name this host in ``sock``'s handshake metadata, so peers on it use shared memory."""
-    if shm.enabled:
-        sock.setsockopt(zmq.METADATA, f"{zmq_shm.HOST_PROPERTY}:{zmq_shm.host_id()}".encode())
-
-
-def same_host(frame: zmq.Frame) -> bool:
-    """Whether the peer that sent ``frame`` named this host in its handshake."""
-    try:
-        return frame.get(zmq_shm.HOST_PROPERTY) == zmq_shm.host_id()
-    except zmq.ZMQError:  # the peer sent no such property
-        return False
 
 
 def _reply_id(frames: list[Any]) -> int | None:
@@ -220,7 +206,7 @@ class ZmqChannel(Channel):
         #: whether the actor is on this host (None: no reply yet said so)
         self._same_host: bool | None = None
         sock = _context().socket(zmq.DEALER)
-        tag_host(sock, self._shm)
+        zmq_shm.tag_host(sock, self._shm)
         for opt, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100), (zmq.HEARTBEAT_IVL, 1000)):
             sock.setsockopt(opt, value)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
@@ -252,7 +238,7 @@ class ZmqChannel(Channel):
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
         if self._same_host is None:
-            self._same_host = self._shm.enabled and same_host(frames[0])
+            self._same_host = self._shm.enabled and zmq_shm.same_host(frames[0])
         bufs = [f.buffer for f in frames]
         if zmq_shm.is_descriptor(bufs[0]):
             try:

@@ -30,7 +30,8 @@ from transferqueue.errors import ActorClosedError, ActorError, ProtocolError
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports import zmq_auth, zmq_shm
 from transferqueue.runtime.transports._protocol import Dispatcher, Envelope, encode_reply
-from transferqueue.runtime.transports.zmq import Pump, same_host, tag_host
+from transferqueue.runtime.transports.zmq import Pump
+from transferqueue.runtime.transports.zmq_shm import same_host, tag_host
 
 log = logging.getLogger("transferqueue.zmq")
 

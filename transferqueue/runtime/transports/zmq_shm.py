@@ -48,6 +48,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import torch
+import zmq
 
 from transferqueue.errors import ActorDiedError, ProtocolError
 
@@ -436,3 +437,20 @@ def _lease(rfd: int, path: str, gen: int, end: int) -> tuple[mmap.mmap, int, int
     if int.from_bytes(os.pread(rfd, 8, 0), "little") != gen or st.st_size < _PAGE + end:
         raise ProtocolError(f"the shared-memory segment {path} was reclaimed")
     return mmap.mmap(rfd, _PAGE), st.st_ino, _PAGE + end
+
+
+# ------------------------------------------------ the host, named in the zmq handshake
+
+
+def tag_host(sock: zmq.Socket[bytes], shm: ShmSettings) -> None:
+    """Name this host in ``sock``'s handshake metadata, so peers on it use shared memory."""
+    if shm.enabled:
+        sock.setsockopt(zmq.METADATA, f"{HOST_PROPERTY}:{host_id()}".encode())
+
+
+def same_host(frame: zmq.Frame) -> bool:
+    """Whether the peer that sent ``frame`` named this host in its handshake."""
+    try:
+        return frame.get(HOST_PROPERTY) == host_id()
+    except zmq.ZMQError:  # the peer sent no such property
+        return False
