@@ -311,12 +311,12 @@ class ZmqChannel(Channel):
                 raise ActorClosedError(f"the channel to {self._endpoint} is closed")
             if self._refused is not None:  # refused in the same batch of events
                 raise self._refusal()
-        if self._shm.enabled and zmq_shm.large_frames(frames, 0, self._shm.min_bytes):
-            if self._same_host is None:  # ask (a no-op): its reply names the actor's host
+        large = zmq_shm.large_frames(frames, 0, self._shm.min_bytes)  # one pass per message
+        if large:
+            if self._shm.enabled and self._same_host is None:
+                # ask (a no-op): its reply names the actor's host
                 await self.request(CANCEL, (), {}, deadline)
-            frames = zmq_shm.pack(frames, 0, self._shm, bool(self._same_host))
-        else:
-            zmq_shm.count_socket(frames, self._shm.min_bytes)
+            frames = zmq_shm.pack(frames, 0, self._shm, bool(self._same_host), large)
         fut = self._calls.expect(envelope.id)
         timer = None
         if deadline is not None:

@@ -74,8 +74,10 @@ class _Server:
     async def _handle(self, ident: zmq.Frame, frames: list[Any]) -> None:
         reply = await self.dispatcher.serve(frames)
         frames.clear()  # a request's segment goes back to its sender as soon as it can
-        if zmq_shm.large_frames(reply, 0, self.shm.min_bytes):
-            reply = zmq_shm.pack(reply, 0, self.shm, self.shm.enabled and same_host(ident))
+        large = zmq_shm.large_frames(reply, 0, self.shm.min_bytes)
+        if large:
+            same = self.shm.enabled and same_host(ident)
+            reply = zmq_shm.pack(reply, 0, self.shm, same, large)
         self._send(ident, reply)
 
     def _send(self, ident: zmq.Frame, reply: list[Any]) -> None:

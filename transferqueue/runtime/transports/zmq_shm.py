@@ -275,10 +275,18 @@ def pool(pool_bytes: int) -> Pool:
         return p
 
 
-def pack(frames: list[Any], start: int, settings: ShmSettings, same_host: bool) -> list[Any]:
+def pack(
+    frames: list[Any],
+    start: int,
+    settings: ShmSettings,
+    same_host: bool,
+    indexes: list[int] | None = None,
+) -> list[Any]:
     """The frames to send: large ones through shared memory when the peer is on this host,
-    else ``frames`` themselves. Counts the bytes of large frames by path."""
-    indexes = large_frames(frames, start, settings.min_bytes)
+    else ``frames`` themselves. Counts the bytes of large frames by path. ``indexes``: the
+    :func:`large_frames` of ``frames``, when the caller has them."""
+    if indexes is None:
+        indexes = large_frames(frames, start, settings.min_bytes)
     if not indexes:
         return frames
     size = sum(_nbytes(frames[i]) for i in indexes)
@@ -291,12 +299,6 @@ def pack(frames: list[Any], start: int, settings: ShmSettings, same_host: bool) 
         COUNTERS.fallbacks += 1
     COUNTERS.sent_socket += size
     return frames
-
-
-def count_socket(frames: Sequence[Any], min_bytes: int) -> None:
-    """Count the large frames of a message that takes the socket without :func:`pack`."""
-    for i in large_frames(frames, 0, min_bytes):
-        COUNTERS.sent_socket += _nbytes(frames[i])
 
 
 def is_descriptor(buf: Any) -> bool:
