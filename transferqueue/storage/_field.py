@@ -279,7 +279,7 @@ class Field:
             risky = None
         if risky is not None:
             # copy on write of these cells only: views of them handed out are still alive
-            self._write_moved(slots, dense_rows(chunks), risky, row_shape, first.dtype)
+            self._write_moved(buf, slots, dense_rows(chunks), risky, row_shape, first.dtype)
         else:
             self.settle()
             self.copies.nbytes += scatter(buf, slots, chunks)
@@ -298,14 +298,14 @@ class Field:
 
     def _write_moved(
         self,
+        buffer: torch.Tensor,
         slots: np.ndarray,
         data: torch.Tensor,
         risky: np.ndarray,
         row_shape: tuple[int, ...],
         dtype: torch.dtype,
     ) -> None:
-        """Rows at ``risky`` slots into the overlay, the others into the buffer."""
-        assert self.buffer is not None
+        """Rows at ``risky`` slots into the overlay, the others into ``buffer`` (the field's)."""
         if self.overlay is None:
             self.overlay = Overlay(row_shape, dtype)
         if bool(risky.all()):
@@ -315,7 +315,7 @@ class Field:
         at = np.flatnonzero(risky)
         fresh = np.flatnonzero(~risky)
         self.copies.nbytes += self.overlay.put(slots[at], data[torch.from_numpy(at)])
-        self.copies.nbytes += scatter(self.buffer, slots[fresh], data[torch.from_numpy(fresh)])
+        self.copies.nbytes += scatter(buffer, slots[fresh], data[torch.from_numpy(fresh)])
         self.state[slots[at]] = MOVED
         self.state[slots[fresh]] = DENSE
 
@@ -379,7 +379,7 @@ class Field:
             if n_dense == n:
                 return gather_dense(self.buffer, slots, contiguous)
             if n_dense + int(np.count_nonzero(st == MOVED)) == n:
-                return self._dense_rows(slots, st)
+                return self._dense_rows(self.buffer, slots, st)
         if self.arena is not None and int(np.count_nonzero(st == JAGGED)) == n:
             values, offsets = self.arena.gather(slots)
             lengths = offsets.diff()
@@ -388,10 +388,9 @@ class Field:
             return torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
         return self._gather_rows(slots, st)
 
-    def _dense_rows(self, slots: np.ndarray, st: np.ndarray) -> torch.Tensor:
-        """Cells at ``slots``, all DENSE or MOVED, as a new tensor."""
-        assert self.buffer is not None
-        out = gather_dense(self.buffer, slots, contiguous=False)
+    def _dense_rows(self, buffer: torch.Tensor, slots: np.ndarray, st: np.ndarray) -> torch.Tensor:
+        """Cells at ``slots`` of ``buffer`` (the field's), all DENSE or MOVED, as a new tensor."""
+        out = gather_dense(buffer, slots, contiguous=False)
         moved = np.flatnonzero(st == MOVED)
         if moved.size and self.overlay is not None:
             scatter(out, moved, self.overlay.rows(slots[moved]))
@@ -402,7 +401,7 @@ class Field:
         out: list[Any] = [None] * slots.size
         if self.buffer is not None:
             pos = np.flatnonzero((st == DENSE) | (st == MOVED))
-            rows = self._dense_rows(slots[pos], st[pos]).unbind(0)
+            rows = self._dense_rows(self.buffer, slots[pos], st[pos]).unbind(0)
             for p, t in zip(pos.tolist(), rows, strict=True):
                 out[p] = t
         if self.arena is not None:
