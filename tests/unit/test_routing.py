@@ -295,3 +295,78 @@ def test_non_tensor_columns_come_back_as_one_stack_per_batch() -> None:
         got = assemble_td(len(values), ["v"], parts).get("v")
         assert isinstance(got, NonTensorStack) and got.batch_size == (len(values),)
         assert got.tolist() == values
+
+
+def _striped_parts(n: int, fields: dict[str, torch.Tensor], units: int = 2) -> list:
+    """Two units' answers for a batch placed in stripe blocks (as a real get returns them)."""
+    unit_of = (torch.arange(n) // STRIPE_ROWS) % units
+    parts = []
+    for u in range(units):
+        pos = torch.nonzero(unit_of == u).flatten()
+        share = {}
+        for k, col in fields.items():
+            if col.is_nested:
+                rows = col.unbind()
+                share[k] = torch.nested.nested_tensor(
+                    [rows[p] for p in pos.tolist()], layout=torch.jagged
+                )
+            else:
+                share[k] = col[pos]
+        parts.append((pos, share))
+    return parts
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_many_field_merge_writes_all_fields_into_one_pooled_buffer(copy: bool) -> None:
+    from transferqueue.client.columns import assemble as assemble_td
+
+    routing._outputs.clear()
+    n = 4 * STRIPE_ROWS
+    dtypes = [torch.int64, torch.float32, torch.bfloat16, torch.bool, torch.int8]
+    fields = {
+        f"f{i}": (torch.randn(n, 64 + i) * 100).to(dtypes[i % len(dtypes)]) for i in range(12)
+    }
+    fields["jagged"] = torch.nested.nested_tensor(
+        [torch.full((1 + r % 3,), r) for r in range(n)], layout=torch.jagged
+    )
+    fields["many"] = torch.randn(n, 2048)  # 4 MiB: the fields together pass HUGE_MIN_BYTES
+    got = assemble_td(n, list(fields), _striped_parts(n, fields), copy=copy)
+    dense = [k for k in fields if k != "jagged"]
+    for k in dense:
+        assert torch.equal(got[k], fields[k]), k
+        assert got[k].data_ptr() % 64 == 0
+    assert all(torch.equal(a, b) for a, b in zip(got["jagged"].unbind(), fields["jagged"].unbind()))
+    storages = {got[k].untyped_storage().data_ptr() for k in dense}
+    assert len(storages) == 1  # one buffer for every dense field
+    ptr = storages.pop()
+    keep = got["f3"]  # one field kept alive keeps the shared buffer out of the pool
+    del got
+    again = assemble_td(n, list(fields), _striped_parts(n, fields), copy=copy)
+    assert again["f0"].untyped_storage().data_ptr() != ptr
+    assert torch.equal(keep, fields["f3"])
+    del again, keep
+    third = assemble_td(n, list(fields), _striped_parts(n, fields), copy=copy)
+    assert {third[k].untyped_storage().data_ptr() for k in dense} == {ptr}
+
+
+def test_small_many_field_merges_keep_a_buffer_per_field() -> None:
+    from transferqueue.client.columns import assemble as assemble_td
+
+    n = 2 * STRIPE_ROWS
+    fields = {f"f{i}": torch.randn(n, 4) for i in range(8)}  # 8 KiB each: below the bound
+    got = assemble_td(n, list(fields), _striped_parts(n, fields))
+    assert len({got[k].untyped_storage().data_ptr() for k in fields}) == len(fields)
+    assert all(torch.equal(got[k], fields[k]) for k in fields)
+
+
+def test_the_parallel_merge_returns_every_field_and_raises_what_a_field_raised() -> None:
+    names = [f"f{i}" for i in range(9)]
+    assert routing.in_parallel(lambda name: name * 2, names) == {k: k * 2 for k in names}
+
+    def fail(name: str) -> str:
+        if name == "f5":
+            raise SchemaError("bad field f5")
+        return name
+
+    with pytest.raises(SchemaError, match="f5"):
+        routing.in_parallel(fail, names)

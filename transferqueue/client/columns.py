@@ -194,6 +194,7 @@ def assemble(
     out: dict[str, Any] = {}
     # every field has the same pieces of the batch: find their runs once
     found = [routing.runs(pos) for pos, _ in parts] if n >= routing.SMALL else None
+    by_field = {}
     for name in fields:
         pieces = [(pos, cols[name]) for pos, cols in parts]
         dtype = common_dtype([col for _, col in pieces]) if len(pieces) > 1 else None
@@ -202,9 +203,21 @@ def assemble(
                 (p, col if _dtype_of(col) in (None, dtype) else cast(col, dtype))
                 for p, col in pieces
             ]
+        by_field[name] = pieces
+    # the dense results of a big many-field batch share one pooled buffer
+    plans = {k: routing.dense_result(p, n, copy) for k, p in by_field.items()}
+    into = routing.carve({k: plan for k, plan in plans.items() if plan is not None})
+
+    def merge(name: str) -> Any:
+        pieces = by_field[name]
         merged = _merge_small_dense(pieces, n)
         if merged is None:
-            merged = routing.assemble(pieces, n, copy, found)
+            merged = routing.assemble(pieces, n, copy, found, into.get(name))
+        return merged
+
+    merged_all = routing.in_parallel(merge, list(into)) if into else {}
+    for name in by_field:
+        merged = merged_all[name] if name in merged_all else merge(name)
         out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
     td = TensorDict(out, batch_size=[n])
     return td.to(device) if device is not None else td

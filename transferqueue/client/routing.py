@@ -21,7 +21,9 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,7 +52,9 @@ _INDEXABLE = {
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
 }  # fmt: skip
 
-__all__ = ["STRIPE_ROWS", "assemble", "group_by_unit", "runs", "take"]
+_T = TypeVar("_T")
+
+__all__ = ["STRIPE_ROWS", "assemble", "carve", "dense_result", "group_by_unit", "runs", "take"]
 
 
 def group_by_unit(rows: Any, units: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -224,7 +228,10 @@ def _long_runs(
 
 
 def _assemble_dense(
-    pieces: list[tuple[torch.Tensor, Any]], n: int, found: list[list[tuple[int, int]]] | None
+    pieces: list[tuple[torch.Tensor, Any]],
+    n: int,
+    found: list[list[tuple[int, int]]] | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     first = pieces[0][1]
     if n < SMALL and sum(pos.numel() for pos, _ in pieces) == n:
@@ -233,7 +240,8 @@ def _assemble_dense(
         for i, p in enumerate(p for pos, _ in pieces for p in pos.tolist()):
             order[p] = i
         return _select(torch.cat([col for _, col in pieces]), _int64(order))
-    out = _output((n, *first.shape[1:]), first.dtype, first.device)
+    if out is None:
+        out = _output((n, *first.shape[1:]), first.dtype, first.device)
     if out[0:1].numel() == 0:
         return out
     long_runs = _long_runs(pieces, n, found)
@@ -289,6 +297,7 @@ def assemble(
     n: int,
     copy: bool = False,
     found: list[list[tuple[int, int]]] | None = None,
+    out: torch.Tensor | None = None,
 ) -> Any:
     """Put per-unit answers ``[(positions, column), ...]`` back together in batch order.
 
@@ -297,7 +306,8 @@ def assemble(
     anything else -> a list with one entry per row. ``copy``: the pieces may share memory
     with a store (inproc), so the result must not -- a lone piece is cloned. ``found``:
     ``runs`` of each piece's positions, when the caller merges several columns of the same
-    pieces and computed them once.
+    pieces and computed them once. ``out``: where the dense result goes, when the caller
+    planned it (:func:`dense_result`, :func:`carve`).
     """
     pieces = [(torch.as_tensor(pos, dtype=torch.int64), col) for pos, col in pieces]
     cols = [col for _, col in pieces]
@@ -305,22 +315,24 @@ def assemble(
         return []
     if len(pieces) == 1 and pieces[0][0].numel() == n and is_range(pieces[0][0]):
         # one unit answered the whole batch in order: nothing to merge
+        if copy and out is not None:
+            return out.copy_(cols[0])
         return _cloned(cols[0]) if copy else cols[0]
     if all(isinstance(c, torch.Tensor) and not c.is_nested for c in cols):
         shapes = {(tuple(c.shape[1:]), c.dtype) for c in cols}
         if len(shapes) == 1:
-            return _assemble_dense(pieces, n, found)
+            return _assemble_dense(pieces, n, found, out)
     packed = [_as_jagged(c) for c in cols]
     if all(p is not None for p in packed):
         kinds = {(tuple(p[0].shape[1:]), p[0].dtype) for p in packed if p is not None}
         if len(kinds) == 1:
             return _assemble_jagged(pieces, [p for p in packed if p is not None], n, found)
-    out: list[Any] = [None] * n
+    rows: list[Any] = [None] * n
     for pos, col in pieces:
         items = col.unbind() if isinstance(col, torch.Tensor) else col
         for p, item in zip(pos.tolist(), items, strict=True):
-            out[p] = item.clone() if copy and isinstance(item, torch.Tensor) else item
-    return out
+            rows[p] = item.clone() if copy and isinstance(item, torch.Tensor) else item
+    return rows
 
 
 _outputs = BufferPool(min_bytes=OUTPUT_POOL_BYTES)
@@ -330,9 +342,10 @@ _outputs_lock = threading.Lock()
 def _forget_outputs() -> None:
     """In a forked child: a fresh pool and lock (the parent's buffers are copy-on-write
     memory here, and its lock may have been held by a thread the fork did not copy)."""
-    global _outputs, _outputs_lock
+    global _outputs, _outputs_lock, _merger, _merger_lock
     _outputs = BufferPool(min_bytes=OUTPUT_POOL_BYTES)
     _outputs_lock = threading.Lock()
+    _merger, _merger_lock = None, threading.Lock()  # the parent's threads are not here
 
 
 if hasattr(os, "register_at_fork"):
@@ -351,6 +364,76 @@ def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
         buf = _outputs.take(shape[0], shape[1:], dtype)
         _outputs.give(buf)
     return buf[: shape[0]]
+
+
+def dense_result(
+    pieces: list[tuple[Any, Any]], n: int, copy: bool
+) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The shape and dtype of the new dense CPU tensor :func:`assemble` makes of these
+    pieces of ``n`` rows (from ``SMALL`` rows on), or None where it makes none (a lone
+    piece it may return as is) or another kind (jagged, lists, a small batch)."""
+    if n < SMALL or not pieces or (len(pieces) == 1 and not copy):
+        return None
+    first = pieces[0][1]
+    if not isinstance(first, torch.Tensor) or first.is_nested or first.dim() == 0:
+        return None
+    row, dtype = tuple(first.shape[1:]), first.dtype
+    for _, col in pieces:
+        if (
+            not isinstance(col, torch.Tensor)
+            or col.is_nested
+            or col.device.type != "cpu"
+            or col.dtype != dtype
+            or tuple(col.shape[1:]) != row
+        ):
+            return None
+    return (n, *row), dtype
+
+
+#: bytes between the starts of two results carved from one buffer (cache-line aligned)
+_ALIGN = 64
+
+
+def carve(plans: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of the planned shapes, all in ONE pooled buffer, when there
+    are several and they are big (``memory.HUGE_MIN_BYTES`` together); else ``{}`` (each
+    result gets its own buffer). A get of many fields then writes into one buffer of
+    touched (huge) pages, as a get of one field does, instead of one fresh malloc per
+    field: an inproc get of 64 MiB over 32 fields ran at 0.39x the 1-field rate without it.
+    The fields share that buffer's memory: it serves a later result only once every one
+    of them is dropped (the pool checks), and a field kept alone keeps the whole buffer."""
+    sizes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in plans.items()}
+    total = sum(-(-b // _ALIGN) * _ALIGN for b in sizes.values())
+    if len(plans) < 2 or total < memory.HUGE_MIN_BYTES:
+        return {}
+    buf = _output((total,), torch.uint8, torch.device("cpu"))
+    outs, at = {}, 0
+    for k, (shape, dtype) in plans.items():
+        outs[k] = buf[at : at + sizes[k]].view(dtype).view(shape)
+        at += -(-sizes[k] // _ALIGN) * _ALIGN
+    return outs
+
+
+_merger: ThreadPoolExecutor | None = None
+_merger_lock = threading.Lock()
+
+
+def in_parallel(fn: Callable[[str], _T], names: list[str]) -> dict[str, _T]:
+    """``{name: fn(name)}``, the calls spread over torch's intra-op thread count. The
+    merges of many fields' carved results: each copy is too small for torch to split over
+    threads as it splits a one-field merge's big copies, so the fields are split instead
+    (copies release the GIL)."""
+    global _merger
+    threads = torch.get_num_threads()
+    if threads < 2 or len(names) < 2:
+        return {name: fn(name) for name in names}
+    with _merger_lock:
+        if _merger is None:
+            _merger = ThreadPoolExecutor(threads, thread_name_prefix="tq-merge")
+        pool = _merger
+    chunks = [names[i::threads] for i in range(threads)]
+    done = pool.map(lambda chunk: [(name, fn(name)) for name in chunk], chunks)
+    return {name: value for part in done for name, value in part}
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
