@@ -13,16 +13,25 @@ with ``zmq.shared_memory`` on and off, beside a memcpy into touched memory in th
   >= 4 GB/s each and >= 0.5x that copy.
 * The transport's counters (``zmq_shm.COUNTERS``) are checked: the shared-memory system's
   large frames all took shared memory, the other's all took the socket.
+* Where a put's time goes, load or not: the CPU time each process of the shared-memory
+  system (this client, the controller, each unit; ``/proc/<pid>/task/*/schedstat``) spent
+  during each put, beside the CPU time of the baseline copy; their sum over the put's wall
+  time says how much they ran at once (above 1: they overlapped; 1 or less: one at a
+  time, or waiting for a core).
 
 Run: ``python -m transferqueue bench shm [--quick]`` from the checkout.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Table, p50, rate
@@ -38,17 +47,57 @@ TARGET_GBPS = 4.0
 TARGET_RATIO = 0.5
 
 
-def _round(client: Any, batch: Any, pid: str) -> tuple[float, float]:
+def cpu_ms(pid: int) -> float | None:
+    """CPU time (ms) the threads of process ``pid`` ran so far; None without schedstat."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        total = 0
+        for t in tasks:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e6
+
+
+def copy_cpu_ms(nbytes: int) -> float:
+    """CPU time (ms) of a single-thread copy of ``nbytes`` into touched memory."""
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dst.copy_(src)
+        t0 = time.thread_time()
+        dst.copy_(src)
+        return (time.thread_time() - t0) * 1e3
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pids(system: Any) -> list[int]:
+    """This process, then the system's controller and units (the handles' order)."""
+    return [os.getpid(), *(h.pid for h in system.handles if h.pid is not None)]
+
+
+def _round(
+    client: Any, batch: Any, pid: str, pids: Sequence[int] = ()
+) -> tuple[float, float, list[float] | None]:
+    """Seconds of the put and of the get, and the CPU ms each of ``pids`` spent in the put."""
+    before = [cpu_ms(p) for p in pids]
     t0 = time.perf_counter()
     meta = client.put(batch, partition_id=pid)
     t1 = time.perf_counter()
+    after = [cpu_ms(p) for p in pids]
+    spent = None
+    if pids and all(a is not None and b is not None for a, b in zip(before, after)):
+        spent = [(b or 0.0) - (a or 0.0) for a, b in zip(before, after)]
     got = client.get_data(meta)
     t2 = time.perf_counter()
     if got.batch_size[0] != batch.batch_size[0]:
         raise RuntimeError(f"got {got.batch_size[0]} rows, expected {batch.batch_size[0]}")
     del got
     client.clear_partition(pid)
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, spent
 
 
 def measure(units: int, reps: int) -> dict[str, float]:
@@ -64,14 +113,20 @@ def measure(units: int, reps: int) -> dict[str, float]:
             systems[mode] = runtime_loop().run(start_system(load_config(cfg)))
         rounds: dict[str, list[tuple[float, float, float]]] = {"shm": [], "socket": []}
         moved: dict[str, dict[str, int]] = {m: {} for m in systems}
+        cpu: list[list[float]] = []  # per shm put: wall ms, then CPU ms of each process
+        copy_cpu: list[float] = []
         for i in range(reps + 1):
             for mode, system in systems.items():
                 copy = memcpy_gbps(nbytes, 1, fresh=False)
+                pids = _pids(system) if mode == "shm" else ()
                 before = zmq_shm.COUNTERS.snapshot()
-                put_s, get_s = _round(system.client, batch, f"{mode}-{i}")
+                put_s, get_s, spent = _round(system.client, batch, f"{mode}-{i}", pids)
                 after = zmq_shm.COUNTERS.snapshot()
                 if i:
                     rounds[mode].append((rate(nbytes, put_s), rate(nbytes, get_s), copy))
+                    if spent is not None:
+                        cpu.append([put_s * 1e3, *spent])
+                        copy_cpu.append(copy_cpu_ms(nbytes))
                     for k in after:
                         moved[mode][k] = moved[mode].get(k, 0) + after[k] - before[k]
     finally:
@@ -83,6 +138,13 @@ def measure(units: int, reps: int) -> dict[str, float]:
         raise RuntimeError(f"the socket system's bytes took shared memory: {moved['socket']}")
     all_rounds = rounds["shm"] + rounds["socket"]
     out = {"memcpy_touched_GBps": p50([c for _, _, c in all_rounds])}
+    if cpu:
+        names = ["put_wall_ms", "cpu_client_ms", "cpu_controller_ms"]
+        names += [f"cpu_unit{k}_ms" for k in range(len(cpu[0]) - len(names))]
+        for j, name in enumerate(names):
+            out[name] = p50([r[j] for r in cpu])
+        out["cpu_copy_ms"] = p50(copy_cpu)
+        out["cpu_over_wall"] = p50([sum(r[1:]) / r[0] for r in cpu])
     for mode, rs in rounds.items():
         for k, op in enumerate(("put", "get")):
             out[f"{op}_{mode}_GBps"] = p50([r[k] for r in rs])
@@ -122,6 +184,14 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"shared memory / socket: put {f['put_shm_over_socket']:.2f}x, "
             f"get {f['get_shm_over_socket']:.2f}x"
         )
+        if "cpu_client_ms" in f:
+            units_cpu = "/".join(f"{f[f'cpu_unit{k}_ms']:.1f}" for k in range(units))
+            table.note(
+                f"CPU per shm put (medians, ms): client {f['cpu_client_ms']:.1f}, controller "
+                f"{f['cpu_controller_ms']:.1f}, unit(s) {units_cpu}; a one-thread copy of "
+                f"{MIB} MiB: {f['cpu_copy_ms']:.1f}; wall {f['put_wall_ms']:.1f} (CPU / wall "
+                f"{f['cpu_over_wall']:.2f}; above 1: the processes overlapped)"
+            )
         table.print()
     return figures
 
