@@ -22,6 +22,7 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
 from transferqueue.client import routing
+from transferqueue.client.device import ToDevice
 from transferqueue.errors import SchemaError
 from transferqueue.storage._arena import word_rows
 
@@ -189,8 +190,23 @@ def assemble(
     """Merge per-unit columns (``(positions, columns)``) into one TensorDict of ``n`` rows.
 
     ``copy``: the columns share memory with the store (inproc replies); the result won't."""
-    if device is not None and torch.device(device).type != "cpu":
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cpu":
         copy = False  # the move to ``device`` below is the copy
+    if dev is not None and dev.type == "cuda":
+        with ToDevice(dev) as move:  # through pinned staging buffers (client/device.py)
+            return _assemble(n, fields, parts, copy, move)
+    td = _assemble(n, fields, parts, copy, None)
+    return td.to(dev) if dev is not None else td
+
+
+def _assemble(
+    n: int,
+    fields: Sequence[str],
+    parts: Sequence[tuple[Any, Mapping[str, Column]]],
+    copy: bool,
+    move: ToDevice | None,
+) -> TensorDict:
     out: dict[str, Any] = {}
     # every field has the same pieces of the batch: find their runs once
     found = [routing.runs(pos) for pos, _ in parts] if n >= routing.SMALL else None
@@ -202,12 +218,15 @@ def assemble(
                 (p, col if _dtype_of(col) in (None, dtype) else cast(col, dtype))
                 for p, col in pieces
             ]
+        if move is not None and (moved := move.dense(pieces, n)) is not None:
+            out[name] = moved
+            continue
         merged = _merge_small_dense(pieces, n)
         if merged is None:
             merged = routing.assemble(pieces, n, copy, found)
-        out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
-    td = TensorDict(out, batch_size=[n])
-    return td.to(device) if device is not None else td
+        column = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
+        out[name] = move.column(column) if move is not None else column
+    return TensorDict(out, batch_size=[n], device=move.device if move is not None else None)
 
 
 def _merge_small_dense(pieces: list[tuple[Any, Column]], n: int) -> torch.Tensor | None:
