@@ -14,9 +14,17 @@ from transferqueue.runtime.staging import StagingPool, pinned
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-#: GPU cycles torch.cuda._sleep spins: long enough (~tens of ms) that copies queued behind it
-#: are still in flight when the host goes on
-SPIN = 50_000_000
+#: GPU cycles torch.cuda._sleep spins (~0.25 s at 2 GHz): copies queued behind it are still
+#: in flight when the host goes on (the tests check that the spin had not ended)
+SPIN = 500_000_000
+
+
+def _spin() -> torch.cuda.Event:
+    """Spin the current stream; the event completes when the spin ends."""
+    torch.cuda._sleep(SPIN)
+    done = torch.cuda.Event()
+    done.record()
+    return done
 
 
 def _batch(n: int = 16) -> TensorDict:
@@ -57,7 +65,7 @@ def test_round_trip_lands_on_the_device_equal(client, pid) -> None:
 def test_rows_in_any_order_from_several_units(client, pid) -> None:
     data = _batch(64)
     meta = client.put(data, partition_id=pid)
-    order = list(range(63, -1, -3)) + list(range(0, 64, 3))
+    order = list(range(63, -1, -2)) + list(range(0, 64, 2))  # odd rows down, even up
     picked = meta.select_samples(order)
     got = client.get_data(picked, device="cuda")
     index = torch.tensor(order, device="cuda")
@@ -88,7 +96,7 @@ def test_put_sees_work_queued_on_the_current_stream(client, pid) -> None:
     x = torch.zeros(32, 4096, device="cuda")
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
-        torch.cuda._sleep(SPIN)  # the fill below runs late, on this stream
+        _spin()  # the fill below runs late, on this stream
         x.fill_(7.0)
         meta = client.put({"x": x}, partition_id=pid)  # its copy is queued behind the fill
     got = client.get_data(meta)
@@ -101,7 +109,7 @@ def test_get_results_are_ready_on_the_current_stream(client, pid) -> None:
     meta = client.put({"a": a}, partition_id=pid)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        torch.cuda._sleep(SPIN)  # the copies to the device queue behind this
+        _spin()  # the copies to the device queue behind this
         got = client.get_data(meta, device="cuda")
         total = got["a"].sum()  # on the same stream: sees the copied values
     side.synchronize()
@@ -117,12 +125,13 @@ def test_get_copies_run_on_the_callers_stream_not_the_loop_threads(client, pid) 
     meta = client.put({"a": a}, partition_id=pid)
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
-    torch.cuda._sleep(SPIN)  # on the default stream
+    spun = _spin()  # on the default stream
     with torch.cuda.stream(side):
         got = client.get_data(meta, device="cuda")
         total = got["a"].sum()
         side.synchronize()
-        seen = float(total)  # read before the default stream's spin ends
+        seen = float(total)
+    assert not spun.query()  # read while the default stream still spun
     assert seen == float(a.sum())
     client.clear_partition(pid)
 
@@ -133,9 +142,10 @@ def test_a_pinned_buffer_is_not_reused_while_its_copy_is_in_flight(client, pid) 
     m1 = client.put({"v": first}, partition_id=pid)
     m2 = client.put({"v": second}, partition_id=pid)
     torch.cuda.synchronize()
-    torch.cuda._sleep(SPIN)  # the first result's copy from its pinned buffer waits behind this
+    spun = _spin()  # the first result's copy from its pinned buffer waits behind this
     got1 = client.get_data(m1, device="cuda")
     got2 = client.get_data(m2, device="cuda")  # must not write into that buffer meanwhile
+    assert not spun.query()  # the first copy was still in flight during the second get
     torch.cuda.synchronize()
     assert bool((got1["v"] == 1.0).all()) and bool((got2["v"] == 2.0).all())
     client.clear_partition(pid)
@@ -178,3 +188,32 @@ def test_staged_put_buffers_go_back_to_the_pool() -> None:
     staged.release()
     del out
     assert pool.busy() == 0
+
+
+async def test_the_async_client_copies_on_the_current_stream_of_its_thread(aclient, pid) -> None:
+    a = torch.arange(32 * 4096, device="cuda", dtype=torch.float32).view(32, 4096)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        _spin()
+        a2 = a * 2  # late, on this stream
+        meta = await aclient.put({"a": a2}, partition_id=pid)
+    torch.cuda.synchronize()
+    spun = _spin()  # on the default stream
+    with torch.cuda.stream(side):
+        got = await aclient.get_data(meta, device="cuda")
+        total = got["a"].sum()
+        side.synchronize()
+        seen = float(total)
+    assert not spun.query()
+    assert seen == float((a * 2).sum())
+    await aclient.clear_partition(pid)
+
+
+def test_kv_put_of_cuda_tensors_goes_through_staging(client, pid) -> None:
+    x = torch.randn(4, 16, device="cuda")
+    expected = x.cpu()
+    client.kv_put(["a", "b", "c", "d"], pid, fields={"x": x})
+    x.zero_()
+    got = client.kv_get(["d", "a"], pid)
+    assert got["x"].device.type == "cpu" and torch.equal(got["x"], expected[[3, 0]])
+    client.clear_partition(pid)

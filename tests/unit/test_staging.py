@@ -13,6 +13,7 @@ from tensordict import TensorDict
 from transferqueue.client import device as device_mod
 from transferqueue.client.columns import assemble
 from transferqueue.client.device import ToDevice, check_device, on_device, to_host
+from transferqueue.runtime import memory
 from transferqueue.runtime.staging import ALIGN, StagingPool, aligned, pageable
 
 KIB = 1024
@@ -260,3 +261,25 @@ def test_columns_move_through_the_pool_and_fall_back_when_it_is_full() -> None:
         fallback = move.column(dense)  # 64 bytes: more than the bound
     assert torch.equal(fallback, dense) and not _shares_memory(fallback, dense)
     assert full.allocations == 0
+
+
+@pytest.mark.transport
+def test_no_transport_keeps_a_view_of_a_puts_buffers(client, pid) -> None:
+    """What lets a put's staging buffers be reused: once put returns, nothing -- the codec,
+    the transport, the store -- holds a view of the tensors it was given (the store keeps
+    copies). Checked with host buffers from the pool standing in for pinned ones."""
+    used = pool(max_bytes=1 << 22)
+    for i in range(3):
+        buf = used.take(64 * 1024 * 4)
+        assert buf is not None
+        x = buf.view(torch.float32).view(64, 1024).fill_(i)
+        rows = [x[j, : j % 8 + 1] for j in range(64)]
+        before = memory.storage_users(buf.untyped_storage())
+        meta = client.put({"x": x, "rows": rows}, partition_id=pid)
+        assert memory.storage_users(buf.untyped_storage()) == before  # no holder added
+        used.give(buf)
+        del buf, x, rows
+        assert used.busy() == 0 and used.allocations == 1
+        got = client.get_data(meta)
+        assert bool((got["x"] == i).all())
+    client.clear_partition(pid)
