@@ -30,6 +30,7 @@ from transferqueue.client.columns import (
     payload_bytes,
     to_columns,
 )
+from transferqueue.client.device import check_device, on_device, to_host
 from transferqueue.client.routing import group_by_unit, runs, take
 from transferqueue.config import Config
 from transferqueue.errors import ActorDiedError, RowsLostError, SchemaError
@@ -226,7 +227,21 @@ class AsyncTransferQueueClient:
             raise SchemaError(f"tags must hold one dict per row: {n} rows, {len(tags)} tags")
         specs = {name: field_spec(col) for name, col in columns.items()}
         rows = metadata.rows if metadata is not None else None
+        if on_device(columns):
+            return await self._write_staged(partition_id, columns, specs, rows=rows, n=n, tags=tags)
         return await self._write(partition_id, columns, specs, rows=rows, n=n, tags=tags)
+
+    async def _write_staged(
+        self, partition_id: str, columns: dict[str, Any], specs: dict[str, Any], **kwargs: Any
+    ) -> BatchMeta:
+        """:meth:`_write` of columns holding CUDA tensors: copied to the host through pinned
+        staging buffers first (client/device.py), given back once the write is done."""
+        host, staged = to_host(columns)
+        try:
+            return await self._write(partition_id, host, specs, **kwargs)
+        finally:
+            del host
+            staged.release()
 
     async def _write(
         self,
@@ -440,6 +455,7 @@ class AsyncTransferQueueClient:
         """The data of ``meta``'s rows, in its row order, as a TensorDict. (``metadata=`` is
         the public TransferQueue's name for ``meta``.)"""
         meta = _meta_arg(meta, metadata)
+        device = check_device(device)
         names = list(fields) if fields is not None else list(meta.fields)
         if not meta.rows or not names:
             return TensorDict({}, batch_size=[len(meta.rows)], device=device)
@@ -484,6 +500,8 @@ class AsyncTransferQueueClient:
                 f"tags must hold one dict per key: {len(keys)} keys, {len(tags)} tags"
             )
         specs = {name: field_spec(col) for name, col in columns.items()}
+        if on_device(columns):
+            return await self._write_staged(partition_id, columns, specs, keys=keys, tags=tags)
         return await self._write(partition_id, columns, specs, keys=keys, tags=tags)
 
     async def kv_get(

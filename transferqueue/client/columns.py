@@ -22,6 +22,7 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
 from transferqueue.client import routing
+from transferqueue.client.device import ToDevice
 from transferqueue.errors import SchemaError
 from transferqueue.storage._arena import word_rows
 
@@ -189,8 +190,23 @@ def assemble(
     """Merge per-unit columns (``(positions, columns)``) into one TensorDict of ``n`` rows.
 
     ``copy``: the columns share memory with the store (inproc replies); the result won't."""
-    if device is not None and torch.device(device).type != "cpu":
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cpu":
         copy = False  # the move to ``device`` below is the copy
+    if dev is not None and dev.type == "cuda":
+        with ToDevice(dev) as move:  # through pinned staging buffers (client/device.py)
+            return _assemble(n, fields, parts, copy, move)
+    td = _assemble(n, fields, parts, copy, None)
+    return td.to(dev) if dev is not None else td
+
+
+def _assemble(
+    n: int,
+    fields: Sequence[str],
+    parts: Sequence[tuple[Any, Mapping[str, Column]]],
+    copy: bool,
+    move: ToDevice | None,
+) -> TensorDict:
     out: dict[str, Any] = {}
     # every field has the same pieces of the batch: find their runs once
     found = [routing.runs(pos) for pos, _ in parts] if n >= routing.SMALL else None
@@ -204,23 +220,36 @@ def assemble(
                 for p, col in pieces
             ]
         by_field[name] = pieces
+    if move is not None:  # to a device: dense fields through one pinned buffer each
+        for name, pieces in by_field.items():
+            moved = move.dense(pieces, n)
+            if moved is None:
+                moved = move.column(_merged(pieces, n, copy, found, None))
+            out[name] = moved
+        return TensorDict(out, batch_size=[n], device=move.device)
     # the dense results of a big many-field batch share one pooled buffer
     plans = {k: routing.dense_result(p, n, copy) for k, p in by_field.items()}
     into = routing.carve({k: plan for k, plan in plans.items() if plan is not None})
+    done = routing.in_parallel(
+        lambda name: _merged(by_field[name], n, copy, found, into[name]), list(into)
+    )
+    for name, pieces in by_field.items():
+        out[name] = done[name] if name in done else _merged(pieces, n, copy, found, None)
+    return TensorDict(out, batch_size=[n])
 
-    def merge(name: str) -> Any:
-        pieces = by_field[name]
-        merged = _merge_small_dense(pieces, n)
-        if merged is None:
-            merged = routing.assemble(pieces, n, copy, found, into.get(name))
-        return merged
 
-    merged_all = routing.in_parallel(merge, list(into)) if into else {}
-    for name in by_field:
-        merged = merged_all[name] if name in merged_all else merge(name)
-        out[name] = merged if isinstance(merged, torch.Tensor) else _from_list(merged)
-    td = TensorDict(out, batch_size=[n])
-    return td.to(device) if device is not None else td
+def _merged(
+    pieces: list[tuple[Any, Column]],
+    n: int,
+    copy: bool,
+    found: list[list[tuple[int, int]]] | None,
+    into: torch.Tensor | None,
+) -> Any:
+    """One field's pieces merged into one column (``into``: the planned dense result)."""
+    merged = _merge_small_dense(pieces, n)
+    if merged is None:
+        merged = routing.assemble(pieces, n, copy, found, into)
+    return merged if isinstance(merged, torch.Tensor) else _from_list(merged)
 
 
 def _merge_small_dense(pieces: list[tuple[Any, Column]], n: int) -> torch.Tensor | None:

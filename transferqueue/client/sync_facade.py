@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from transferqueue.client.async_client import AsyncTransferQueueClient
+from transferqueue.client.device import caller_cuda, on_caller_cuda
 from transferqueue.config import Config
 from transferqueue.runtime.loop import LoopThread, background, runtime_loop
 
@@ -56,6 +57,22 @@ def _sync(
     @functools.wraps(method)
     def call(self: TransferQueueClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.run(getattr(self.async_client, name)(*args, **kwargs))
+
+    return call
+
+
+def _sync_cuda(
+    method: Callable[Concatenate[AsyncTransferQueueClient, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[TransferQueueClient, P], R]:
+    """:func:`_sync` for the calls that copy CUDA tensors: their copies run on the calling
+    thread's current CUDA stream, not the loop thread's (client/device.py)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self: TransferQueueClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        coro = getattr(self.async_client, name)(*args, **kwargs)
+        cuda = caller_cuda()
+        return self.run(coro if cuda is None else on_caller_cuda(coro, cuda))
 
     return call
 
@@ -137,9 +154,9 @@ class TransferQueueClient:
     set_tags = _sync(AsyncTransferQueueClient.set_tags)
     set_custom_meta = _sync(AsyncTransferQueueClient.set_custom_meta)
     get_partition_list = _sync(AsyncTransferQueueClient.get_partition_list)
-    put = _sync(AsyncTransferQueueClient.put)
+    put = _sync_cuda(AsyncTransferQueueClient.put)
     get_meta = _sync(AsyncTransferQueueClient.get_meta)
-    get_data = _sync(AsyncTransferQueueClient.get_data)
+    get_data = _sync_cuda(AsyncTransferQueueClient.get_data)
     kv_put = _sync(AsyncTransferQueueClient.kv_put)
     kv_get = _sync(AsyncTransferQueueClient.kv_get)
     kv_list = _sync(AsyncTransferQueueClient.kv_list)
