@@ -57,6 +57,25 @@ async def test_garbage_frames_get_error_replies_and_leave_the_actor_serving(zmq_
         ctx.term()
 
 
+async def test_the_channels_one_deadline_timer_wakes_for_a_shorter_call(zmq_echo) -> None:
+    # the actor process is stopped (SIGSTOP), so only the client's timer can end a call:
+    # a shorter deadline armed behind a longer one must still expire, and firing must leave
+    # the longer call waiting for its reply
+    ref = zmq_echo.ref
+    long = asyncio.ensure_future(ref.call("hold", "timer-long", timeout=60))
+    await ref.call("entered", "timer-long")
+    os.kill(zmq_echo.pid, signal.SIGSTOP)
+    try:
+        for _ in range(2):  # the second one arms the timer again after it fired
+            with pytest.raises(TimeoutError, match="got no reply before its deadline"):
+                await asyncio.wait_for(ref.call("echo", 1, timeout=0.2), 20)
+        assert not long.done()
+    finally:
+        os.kill(zmq_echo.pid, signal.SIGCONT)
+    await ref.call("release", "timer-long")
+    assert await asyncio.wait_for(long, 20) == "timer-long"
+
+
 async def test_ipc_addresses(tmp_path) -> None:
     config = load_config({"transport": "zmq", "zmq": {"protocol": "ipc", "ipc_dir": str(tmp_path)}})
     handle = await ZmqTransport(config).spawn(Echo)

@@ -234,6 +234,15 @@ def test_encode_frames_share_the_tensor_memory() -> None:
     assert np.frombuffer(frames[1], dtype=np.float32)[0] == 99.0
 
 
+def test_a_size_one_dim_with_any_stride_is_sent_without_a_copy() -> None:
+    # contiguous by torch's rule (a size-1 dim's stride does not count): one flat frame of
+    # its own memory, in row order
+    t = torch.arange(8, dtype=torch.int64).reshape(8, 1).t()  # shape (1, 8), strides (1, 1)
+    frames = encode(t)
+    assert t.is_contiguous() and address(frames[1]) == t.data_ptr()
+    assert len(frames[1]) == 64 and torch.equal(decode(frames), t)
+
+
 def test_encode_copies_only_non_contiguous_tensors() -> None:
     t = torch.arange(6.0).reshape(2, 3).t()
     frames = encode(t)

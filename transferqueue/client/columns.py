@@ -140,8 +140,29 @@ def _column(name: str, value: Any) -> tuple[Column, int]:
     )
 
 
+def _plain_columns(data: Mapping[Any, Any]) -> tuple[int, dict[str, Column]] | None:
+    """The fast path of :func:`to_columns` (a rollout's dict of plain dense tensors of one
+    batch size: the columns as they are); ``None``: not that case."""
+    columns: dict[str, Column] = {}
+    n = -1
+    for key, value in data.items():
+        if type(value) is not torch.Tensor or value.is_nested or not value.dim():
+            return None
+        size = value.shape[0]
+        if size != n:
+            if n >= 0 or size == 0:
+                return None  # the general path says what is wrong
+            n = size
+        columns[str(key)] = value.detach() if value.requires_grad else value
+    return (n, columns) if columns else None
+
+
 def to_columns(data: Any) -> tuple[int, dict[str, Column]]:
     """User data -> (batch size, columns). Raises SchemaError for malformed batches."""
+    if type(data) is dict:
+        plain = _plain_columns(data)
+        if plain is not None:
+            return plain
     if isinstance(data, TensorDictBase):
         if len(data.batch_size) != 1:
             raise SchemaError(

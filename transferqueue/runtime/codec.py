@@ -164,6 +164,8 @@ class _Encoder:
 
     def default(self, o: Any) -> Any:  # called by msgpack for every non-native value
         t = type(o)
+        if t is torch.Tensor:  # the common case first
+            return self.tensor(o)
         if t is tuple or t is torch.Size:
             return [_MARKERS[_TUPLE], *o]
         if isinstance(o, torch.Tensor):
@@ -192,10 +194,21 @@ class _Encoder:
                 return [_MARKERS[_JAGGED], t.values(), offsets, lengths, ragged_idx]
             parts = list(t.detach().unbind())
             return [_MARKERS[_STRIDED_NESTED], _DTYPE_NAMES[t.dtype], parts]
-        problem = _tensor_problem(t)
-        if problem is not None:
-            raise _UnsupportedError(f"cannot encode tensor: {problem}")
-        self.frames.append(_tensor_buffer(t))
+        if (  # a plain contiguous CPU tensor (most are): a view of its numpy array
+            t.is_cpu
+            and t.layout is torch.strided
+            and t.dtype in _NUMPY_DTYPES
+            and t.dim()
+            and t.is_contiguous()
+            and not (t.requires_grad or t.is_quantized or t.is_conj() or t.is_neg())
+        ):
+            # numpy ignores the strides of size-1 dims, so no as_strided is needed here
+            self.frames.append(t.numpy().data.cast("B") if t.numel() else memoryview(b""))
+        else:
+            problem = _tensor_problem(t)
+            if problem is not None:
+                raise _UnsupportedError(f"cannot encode tensor: {problem}")
+            self.frames.append(_tensor_buffer(t))
         return [_MARKERS[_TENSOR], _DTYPE_NAMES[t.dtype], list(t.shape), len(self.frames) - 1]
 
 

@@ -82,10 +82,12 @@ class ActorRef:
             self._channels = {}
             self._pid = os.getpid()
         loop = asyncio.get_running_loop()
-        for dead in [lp for lp in self._channels if lp.is_closed()]:
-            del self._channels[dead]  # its channel releases its sockets when collected
         channel = self._channels.get(loop)
         if channel is None:
+            # a new loop: forget the channels of loops that ended (each releases its
+            # sockets when collected); looked for only here, not on every call
+            for dead in [lp for lp in self._channels if lp.is_closed()]:
+                del self._channels[dead]
             from transferqueue.runtime.transports import transport_class
 
             channel = transport_class(self.address.transport).connect(self.address, self.config)

@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import pickle
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -235,6 +237,10 @@ class ZmqChannel(Channel):
         self._monitor = Pump(monitor, self._on_event)  # a PAIR: receives copies
         self._pump = Pump(sock, self._on_reply)
         self._closed = False
+        #: rid -> (loop time of its deadline, its future, its method), and the one timer
+        self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str]] = {}
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
         if self._same_host is None:
@@ -318,15 +324,11 @@ class ZmqChannel(Channel):
                 await self.request(CANCEL, (), {}, deadline)
             frames = zmq_shm.pack(frames, 0, self._shm, bool(self._same_host), large)
         fut = self._calls.expect(envelope.id)
-        timer = None
         if deadline is not None:
-            timer = self._loop.call_at(
-                self._loop.time() + max(0.0, deadline - time.time()),
-                _expire,
-                fut,
-                method,
-                self._endpoint,
-            )
+            at = self._loop.time() + max(0.0, deadline - time.time())
+            self._deadlines[envelope.id] = (at, fut, method)
+            if at < self._watch_at:  # the watchdog must wake up earlier
+                self._arm(at)
         try:
             self._pump.send(frames)
             return await fut
@@ -336,8 +338,28 @@ class ZmqChannel(Channel):
             raise
         finally:
             self._calls.forget(envelope.id)
-            if timer is not None:
-                timer.cancel()
+            self._deadlines.pop(envelope.id, None)
+
+    def _arm(self, at: float) -> None:
+        # one timer per channel, not one per call (~5 us each): it wakes at the earliest
+        # deadline (calls mostly share the default timeout, so rarely re-armed)
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch_at, self._watch = at, self._loop.call_at(at, _watch, weakref.ref(self))
+
+    def _expire_due(self) -> None:
+        self._watch, self._watch_at, left = None, math.inf, math.inf
+        now = self._loop.time() + 0.001  # the loop's timers are ms-grained
+        for rid, (at, fut, method) in list(self._deadlines.items()):
+            if at > now:
+                left = min(left, at)
+                continue
+            del self._deadlines[rid]
+            if not fut.done():
+                why = f"call {method!r} to {self._endpoint} got no reply before its deadline"
+                fut.set_exception(TimeoutError(why))
+        if left < math.inf:
+            self._arm(left)
 
     def __del__(self) -> None:
         # a channel dropped (or whose event loop ended) without aclose(): release its sockets
@@ -356,11 +378,10 @@ class ZmqChannel(Channel):
         zmq_shm.sweep()
 
 
-def _expire(fut: asyncio.Future[Any], method: str, endpoint: str) -> None:
-    if not fut.done():
-        fut.set_exception(
-            TimeoutError(f"call {method!r} to {endpoint} got no reply before its deadline")
-        )
+def _watch(ref: weakref.ref[ZmqChannel]) -> None:
+    channel = ref()  # the timer does not keep a dropped channel alive
+    if channel is not None:
+        channel._expire_due()
 
 
 # ------------------------------------------------------------------------ owner side
