@@ -157,7 +157,7 @@ class TransferQueueClient:
     put = _sync_cuda(AsyncTransferQueueClient.put)
     get_meta = _sync(AsyncTransferQueueClient.get_meta)
     get_data = _sync_cuda(AsyncTransferQueueClient.get_data)
-    kv_put = _sync(AsyncTransferQueueClient.kv_put)
+    kv_put = _sync_cuda(AsyncTransferQueueClient.kv_put)
     kv_get = _sync(AsyncTransferQueueClient.kv_get)
     kv_list = _sync(AsyncTransferQueueClient.kv_list)
     kv_clear = _sync(AsyncTransferQueueClient.kv_clear)
