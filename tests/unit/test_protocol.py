@@ -165,6 +165,39 @@ async def test_cancel_request_cancels_by_token() -> None:
     assert worker.writes == []
 
 
+async def test_serve_now_answers_a_handler_that_does_not_suspend_at_once() -> None:
+    # no task: the reply frames come back from the call itself, the call counted
+    dispatcher = Dispatcher(Worker())
+    env = Envelope(7, "echo", time.time() + 30, None)
+    reply = dispatcher.serve_now(protocol.encode_request(env, [{"a": 1}], {}))
+    assert isinstance(reply, list)
+    assert decode_reply(reply) == (7, {"a": 1}, None)
+    failed = dispatcher.serve_now(protocol.encode_request(Envelope(8, "sealed"), [], {}))
+    assert isinstance(failed, list)
+    assert isinstance(decode_reply(failed)[2], PartitionSealedError)
+    methods = dispatcher.stats.snapshot("w")["methods"]
+    assert methods["echo"]["calls"] == 1 and methods["sealed"]["errors"] == {
+        "PartitionSealedError": 1
+    }
+
+
+async def test_serve_now_hands_a_handler_that_suspends_to_a_task() -> None:
+    # its CANCEL token is armed before the loop runs again: a CANCEL that comes at once
+    # still finds it
+    worker = Worker()
+    dispatcher = Dispatcher(worker)
+    env = Envelope(3, "write_after", time.time() + 30, token=5)
+    pending = dispatcher.serve_now(protocol.encode_request(env, ["g", "x"], {}))
+    assert isinstance(pending, asyncio.Future) and worker.started.is_set()
+    assert dispatcher.stats.snapshot("w")["methods"]["write_after"]["in_flight"] == 1
+    cancel = dispatcher.serve_now(protocol.encode_request(Envelope(4, CANCEL, None, 5), [], {}))
+    assert decode_reply(cancel) == (4, None, None)
+    rid, _, error = decode_reply(await pending)
+    assert rid == 3 and isinstance(error, ActorError) and "cancelled by its caller" in str(error)
+    assert worker.writes == [] and not dispatcher._running
+    assert dispatcher.stats.snapshot("w")["methods"]["write_after"]["in_flight"] == 0
+
+
 @pytest.mark.parametrize(
     "frames",
     [

@@ -262,8 +262,13 @@ class Dispatcher:
         self._running: dict[int, list[Callable[[str], None]]] = {}
         self.stats = RequestStats()
 
-    async def serve(self, frames: Sequence[Any]) -> list[Any]:
-        """The reply frames to request ``frames``. Never raises (but may be cancelled)."""
+    def serve_now(self, frames: Sequence[Any]) -> list[Any] | asyncio.Future[list[Any]]:
+        """The reply frames to request ``frames``, here and now when its handler finishes
+        without suspending (most do: no task, no timer); else a future of them, the handler
+        going on in a task of its own. Never raises (but the future may be cancelled).
+
+        A caller that sends an inline reply at once lets the caller of a ``commit`` hear back
+        before the waiters it woke run: give the loop a turn first, as :meth:`serve` does."""
         try:
             envelope = Envelope.decode(frames[0]) if frames else None
         except errors.ProtocolError as exc:
@@ -282,9 +287,29 @@ class Dispatcher:
             self.stats.refused(self._counted_as(envelope.method), exc)
             return encode_reply(envelope.id, False, exc)
         try:
-            return encode_reply(envelope.id, True, await self.run(envelope, args, kwargs))
+            done, value = self._start(envelope, args, kwargs)
         except Exception as exc:
             return encode_reply(envelope.id, False, exc)
+        if done:
+            return encode_reply(envelope.id, True, value)
+        return asyncio.ensure_future(self._reply_later(envelope.id, value))
+
+    async def serve(self, frames: Sequence[Any]) -> list[Any]:
+        """The reply frames to request ``frames``. Never raises (but may be cancelled)."""
+        reply = self.serve_now(frames)
+        if isinstance(reply, list):
+            # one loop turn before the reply, as a task of its own took: waiters this call
+            # woke (a commit's consumers) run before its caller hears back
+            await asyncio.sleep(0)
+            return reply
+        return await reply  # a cancel of the serving task cancels the handler too
+
+    @staticmethod
+    async def _reply_later(rid: int, result: Any) -> list[Any]:
+        try:
+            return encode_reply(rid, True, await result)
+        except Exception as exc:
+            return encode_reply(rid, False, exc)
 
     def _body(self, envelope: Envelope, frames: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
         try:
@@ -306,59 +331,68 @@ class Dispatcher:
         """Call the method of ``envelope`` within its deadline; raises what it raises. Every
         call is counted in :attr:`stats`; a :data:`STATS` request answers them (and the
         actor's ``remote_methods``, so a watcher asks only what it can answer) uncounted."""
+        done, value = self._start(envelope, args, kwargs)
+        if done:
+            await asyncio.sleep(0)  # one loop turn, as in serve
+            return value
+        return await value
+
+    def _start(
+        self, envelope: Envelope, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[bool, Any]:
+        """Start the call of ``envelope``: ``(True, result)`` when its handler finished
+        without suspending, else ``(False, awaitable of the result)``; raises what a handler
+        that finished at once raised (or ``TimeoutError`` for a request past its deadline)."""
         if envelope.method == STATS:
             snapshot = self.stats.snapshot(type(self.actor).__name__)
             snapshot["remote_methods"] = sorted(self._methods)
-            return snapshot
+            return True, snapshot
         counter = self.stats.begin(self._counted_as(envelope.method))
         start = time.perf_counter()
+        try:
+            fn = self._method(envelope.method)
+            deadline = envelope.deadline
+            left = None if deadline is None else deadline - self._clock()
+            if left is not None and left <= 0:
+                raise TimeoutError(
+                    f"call {envelope.method!r} arrived {-left:.3f} s after its deadline; "
+                    "it was not executed (raise the caller's timeout)"
+                )
+            reset = _deadline.set(deadline)
+            try:
+                # most handlers finish without suspending: run the first step here, and
+                # only one that suspends goes on in a task of its own, supervised (deadline
+                # timer, cancel token)
+                coro = fn(*args, **kwargs)
+                try:
+                    first = coro.send(None)
+                except StopIteration as finished:
+                    self.stats.end(counter, time.perf_counter() - start, None)
+                    return True, finished.value
+                # the task copies the context: the handler sees its deadline
+                task = asyncio.ensure_future(_resume(coro, first))
+            finally:
+                _deadline.reset(reset)
+        except BaseException as exc:  # a failed call is counted too
+            self.stats.end(counter, time.perf_counter() - start, exc)
+            raise
+        return False, self._finish(envelope, self._supervise(envelope, task, left), counter, start)
+
+    async def _finish(
+        self, envelope: Envelope, supervised: Any, counter: _MethodStats, start: float
+    ) -> Any:
         error: BaseException | None = None
         try:
-            return await self._run(envelope, args, kwargs)
+            return await supervised
         except BaseException as exc:  # a cancelled call is counted too
             error = exc
             raise
         finally:
             self.stats.end(counter, time.perf_counter() - start, error)
 
-    async def _run(self, envelope: Envelope, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        fn = self._method(envelope.method)
-        deadline = envelope.deadline
-        left = None if deadline is None else deadline - self._clock()
-        if left is not None and left <= 0:
-            raise TimeoutError(
-                f"call {envelope.method!r} arrived {-left:.3f} s after its deadline; "
-                "it was not executed (raise the caller's timeout)"
-            )
-        reset = _deadline.set(deadline)
-        try:
-            if left is None and envelope.token is None:
-                return await fn(*args, **kwargs)
-            # most handlers finish without suspending: run the first step here, and only
-            # one that suspends goes on in a task of its own, under the deadline timer
-            # (no task, no timer for the rest: ~30 us less a call)
-            coro = fn(*args, **kwargs)
-            try:
-                first = coro.send(None)
-            except StopIteration as finished:
-                done, result = True, finished.value
-            else:
-                done, result = False, None
-                # the task copies the context: the handler sees its deadline
-                task = asyncio.ensure_future(_resume(coro, first))
-        finally:
-            _deadline.reset(reset)
-        if done:
-            # one loop turn before the reply, as a task of its own took: waiters this call
-            # woke (a commit's consumers) run before its caller hears back
-            await asyncio.sleep(0)
-            return result
-        return await self._supervise(envelope, task, left)
-
-    async def _supervise(
-        self, envelope: Envelope, task: asyncio.Future[Any], left: float | None
-    ) -> Any:
-        """Await ``task``, cancelled at the deadline or by a CANCEL request for its token."""
+    def _supervise(self, envelope: Envelope, task: asyncio.Future[Any], left: float | None) -> Any:
+        """Arm the deadline timer and the CANCEL token of ``task`` now (a CANCEL may come
+        before the awaiting coroutine first runs); the coroutine returned awaits it."""
         why: list[str] = []
 
         def stop(reason: str) -> None:
@@ -372,6 +406,17 @@ class Dispatcher:
         token = envelope.token
         if token is not None:
             self._running.setdefault(token, []).append(stop)
+        return self._await_supervised(envelope, task, why, stop, timer)
+
+    async def _await_supervised(
+        self,
+        envelope: Envelope,
+        task: asyncio.Future[Any],
+        why: list[str],
+        stop: Callable[[str], None],
+        timer: asyncio.TimerHandle | None,
+    ) -> Any:
+        token = envelope.token
         try:
             return await task  # a cancel of the serving task cancels the handler too
         except asyncio.CancelledError:

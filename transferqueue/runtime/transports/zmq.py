@@ -113,13 +113,14 @@ class Pump:
         loop.add_reader(self._fd, self.pump)
         loop.call_soon(self.pump)  # messages may already wait: no edge would announce them
 
-    def send(self, frames: list[Any]) -> None:
-        """Queue ``frames`` (zero-copy when large); sends at once unless it would block."""
+    def send(self, frames: list[Any], drain: bool = True) -> None:
+        """Queue ``frames`` (zero-copy when large); sends at once unless it would block.
+        ``drain=False``: the caller calls :meth:`pump` itself after a batch of sends."""
         if self.closed:
             raise ActorClosedError("the socket is closed")
         if self._outbox or not self._try_send(frames):
             self._outbox.append(frames)
-        if not self._busy:  # the send may have eaten the edge of a waiting message
+        if drain and not self._busy:  # the send may have eaten the edge of a waiting message
             self.pump()
 
     def _try_send(self, frames: list[Any]) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -39,6 +40,12 @@ log = logging.getLogger("transferqueue.zmq")
 class _Server:
     """The actor process's request loop over a ROUTER socket: handlers run concurrently.
 
+    A request is dispatched in the callback that received it; a handler that finishes
+    without suspending (most do) needs no task, and its reply joins the replies of the same
+    wake-up, sent together two loop turns later (so that the waiters a ``commit`` woke run
+    before its caller hears back, and the socket is drained once per batch, not once per
+    reply). A handler that suspends goes on in a task and is answered when it ends.
+
     Every message that carries a routing identity is answered (the protocol turns each
     failure into an error reply). Large frames to and from peers on this host travel in
     shared memory (``shm``; tag the socket with :func:`tag_host` before it binds)."""
@@ -51,13 +58,15 @@ class _Server:
     ) -> None:
         self.dispatcher = dispatcher
         self.shm = shm or zmq_shm.ShmSettings()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[list[Any]]] = set()
+        self._out: list[list[Any]] = []  # replies waiting for the next flush
         self.pump = Pump(sock, self._on_request)
 
     def _on_request(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:  # no identity and message: nobody to answer
             log.warning("dropped a malformed message (%d frames)", len(frames))
             return
+        ident = frames[0]
         body = [f.buffer for f in frames[1:]]
         if zmq_shm.is_descriptor(body[0]):
             try:
@@ -65,30 +74,55 @@ class _Server:
                     raise ProtocolError("a shared-memory message, but zmq.shared_memory is off")
                 body = zmq_shm.unpack(body, 0)
             except ActorError as exc:  # answer that request: its bytes cannot be had
-                self._send(frames[0], encode_reply(_request_id(body[1:]), False, exc))
+                self._send([ident, *encode_reply(_request_id(body[1:]), False, exc)])
                 return
-        task = self.pump.loop.create_task(self._handle(frames[0], body))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        reply = self.dispatcher.serve_now(body)
+        if isinstance(reply, list):
+            body.clear()  # a request's segment goes back to its sender as soon as it can
+            if not self._out:
+                self.pump.loop.call_soon(self._flush_soon)
+            self._out.append(self._message(ident, reply))
+            return
+        self._tasks.add(reply)
+        reply.add_done_callback(functools.partial(self._answer_later, ident, body))
 
-    async def _handle(self, ident: zmq.Frame, frames: list[Any]) -> None:
-        reply = await self.dispatcher.serve(frames)
-        frames.clear()  # a request's segment goes back to its sender as soon as it can
+    def _answer_later(
+        self, ident: zmq.Frame, body: list[Any], reply: asyncio.Future[list[Any]]
+    ) -> None:
+        self._tasks.discard(reply)
+        body.clear()
+        if not reply.cancelled():
+            self._send(self._message(ident, reply.result()))
+
+    def _message(self, ident: zmq.Frame, reply: list[Any]) -> list[Any]:
         large = zmq_shm.large_frames(reply, 0, self.shm.min_bytes)
         if large:
             same = self.shm.enabled and same_host(ident)
             reply = zmq_shm.pack(reply, 0, self.shm, same, large)
-        self._send(ident, reply)
+        return [ident, *reply]
 
-    def _send(self, ident: zmq.Frame, reply: list[Any]) -> None:
+    def _flush_soon(self) -> None:
+        # one more turn: the waiters woken by the handlers of these replies were scheduled
+        # after this callback, and run before the flush (replies queued from now on wait
+        # for a flush of their own)
+        out, self._out = self._out, []
+        self.pump.loop.call_soon(self._flush, out)
+
+    def _flush(self, out: list[list[Any]]) -> None:
+        for message in out:
+            self._send(message, drain=False)
+        self.pump.pump()  # the sends may have eaten the edge of a waiting request
+
+    def _send(self, message: list[Any], drain: bool = True) -> None:
         try:
-            self.pump.send([ident, *reply])
+            self.pump.send(message, drain)
         except (zmq.ZMQError, ActorClosedError) as exc:  # the peer or we went away
             log.debug("could not send a reply: %s", exc)
 
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self._out.clear()
         self.pump.close()
         zmq_shm.sweep()
 
