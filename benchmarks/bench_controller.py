@@ -20,7 +20,8 @@
 * controller throughput (issue 12): 64 concurrent clients (4 spawned processes x 16
   connections of their own, zmq) loop ``begin_put`` -> ``commit`` -> ``get_meta``
   (``wait=False``) for a few seconds; ops/s over all of them, against the same loop from
-  one client (the same-run baseline: what one caller's round trips allow).
+  one client (the same-run baseline: what one caller's round trips allow); and the CPU
+  microseconds per op of the controller process and of the callers, over the timed window.
 
 Also runnable alone: ``python benchmarks/bench_controller.py [--quick]``.
 """
@@ -225,14 +226,23 @@ def append_times(sizes: tuple[int, ...], appends: int) -> dict[int, float]:
 
 
 # ----------------------------------------------------------------- throughput
-def controller_ops(clients: int, procs: int, seconds: float) -> float:
+def controller_ops(clients: int, procs: int, seconds: float) -> tuple[float, float, float]:
     """Controller ops/s with ``clients`` concurrent callers spread over ``procs`` spawned
-    processes (see :func:`_fleet_workers.hammer`)."""
+    processes (see :func:`_fleet_workers.hammer`), and the CPU microseconds per op of the
+    controller process (its zmq I/O thread included) and of the callers' processes, taken
+    over the timed window: on a shared host CPU per op is steadier than ops/s."""
     import multiprocessing as mp
 
     from _fleet_workers import hammer
+    from bench_fleet import cpu_seconds
 
     cfg = tq.init(zmq_config())
+    ctrl = ActorRef(Address.from_plain(cfg.system["controller"]), cfg)
+    loop = runtime_loop()
+    try:
+        ctrl_pid = loop.run(ctrl.call("process_id"))
+    finally:
+        loop.run(ctrl.aclose())
     ctx = mp.get_context("spawn")
     pid = f"ops-{clients}"
     conns, children = [], []
@@ -251,6 +261,11 @@ def controller_ops(clients: int, procs: int, seconds: float) -> float:
         start = time.perf_counter() + 0.5
         for conn in conns:
             conn.send(start)
+        pids = [ctrl_pid] + [p.pid for p in children if p.pid is not None]
+        time.sleep(max(0.0, start - time.perf_counter()))
+        cpu0 = [cpu_seconds(p) for p in pids]
+        time.sleep(seconds)
+        cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
         total = 0
         for conn in conns:
             if not conn.poll(300):
@@ -260,7 +275,8 @@ def controller_ops(clients: int, procs: int, seconds: float) -> float:
                 raise RuntimeError(f"a client process failed: {value}")
             total += value
         tq.get_client().clear_partition(pid)
-        return total / seconds
+        per_op = 1e6 / max(total, 1)
+        return total / seconds, cpu[0] * per_op, sum(cpu[1:]) * per_op
     finally:
         for proc in children:
             proc.join(30)
@@ -337,9 +353,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
         figures.update(append_10k_us=small, append_1M_us=large)
         seconds = 3.0 if quick else 8.0
-        one = controller_ops(1, 1, seconds)
-        many = controller_ops(64, 4, seconds)
+        one, one_ctl, _ = controller_ops(1, 1, seconds)
+        many, many_ctl, many_callers = controller_ops(64, 4, seconds)
         table.add("zmq controller ops/s, 1 client", one, "/s")
+        table.add("controller CPU per op, 1 client", one_ctl, "us")
         table.add(
             "zmq controller ops/s, 64 concurrent clients",
             many,
@@ -349,7 +366,15 @@ def run(quick: bool = False) -> dict[str, Any]:
             ">= 10000/s",
             many >= 10_000,
         )
-        figures.update(controller_ops_1=one, controller_ops_64=many)
+        table.add("controller CPU per op, 64 clients", many_ctl, "us", "1 client", one_ctl)
+        table.add("64 callers' CPU per op (4 processes)", many_callers, "us")
+        figures.update(
+            controller_ops_1=one,
+            controller_ops_64=many,
+            controller_cpu_us_per_op_1=one_ctl,
+            controller_cpu_us_per_op_64=many_ctl,
+            callers_cpu_us_per_op_64=many_callers,
+        )
     finally:
         table.print()
     return figures
