@@ -198,6 +198,25 @@ async def test_serve_now_hands_a_handler_that_suspends_to_a_task() -> None:
     assert dispatcher.stats.snapshot("w")["methods"]["write_after"]["in_flight"] == 0
 
 
+async def test_serve_awaits_an_unsupervised_handler_that_suspends_without_a_task() -> None:
+    # no deadline and no cancel token: nothing to supervise, so the serving coroutine goes
+    # on with the handler itself (a task hop would cost a waiter's wake-up a loop turn);
+    # with a deadline the handler runs in a task of its own, under its timer
+    for deadline, tasks_while_waiting in ((None, 1), (time.time() + 30, 2)):
+        worker = Worker()
+        dispatcher = Dispatcher(worker)
+        env = Envelope(1, "write_after", deadline, None)
+        serving = asyncio.ensure_future(
+            dispatcher.serve(protocol.encode_request(env, ["g", "x"], {}))
+        )
+        await worker.started.wait()
+        mine = asyncio.current_task()
+        assert len(asyncio.all_tasks() - {mine}) == tasks_while_waiting
+        await worker.open("g")
+        assert decode_reply(await serving) == (1, None, None)
+        assert worker.writes == ["x"]
+
+
 @pytest.mark.parametrize(
     "frames",
     [

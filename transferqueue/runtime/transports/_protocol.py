@@ -269,6 +269,33 @@ class Dispatcher:
 
         A caller that sends an inline reply at once lets the caller of a ``commit`` hear back
         before the waiters it woke run: give the loop a turn first, as :meth:`serve` does."""
+        begun = self._begin(frames)
+        if isinstance(begun, list):
+            return begun
+        rid, done, value = begun
+        if done:
+            return encode_reply(rid, True, value)
+        return asyncio.ensure_future(self._reply_later(rid, value))
+
+    async def serve(self, frames: Sequence[Any]) -> list[Any]:
+        """The reply frames to request ``frames``. Never raises (but may be cancelled)."""
+        begun = self._begin(frames)
+        if isinstance(begun, list):  # refused: nothing ran
+            return begun
+        rid, done, value = begun
+        if done:
+            # one loop turn before the reply, as a task of its own took: waiters this call
+            # woke (a commit's consumers) run before its caller hears back
+            await asyncio.sleep(0)
+            return encode_reply(rid, True, value)
+        # awaited here, not in a task of its own (each task hop is a loop turn of latency);
+        # a cancel of the serving coroutine cancels the handler too
+        return await self._reply_later(rid, value)
+
+    def _begin(self, frames: Sequence[Any]) -> list[Any] | tuple[int, bool, Any]:
+        """Decode request ``frames`` and start its call (:meth:`_start`): ``(request id,
+        done, result or awaitable)``, or the reply frames of a request refused or failed at
+        once."""
         try:
             envelope = Envelope.decode(frames[0]) if frames else None
         except errors.ProtocolError as exc:
@@ -290,19 +317,7 @@ class Dispatcher:
             done, value = self._start(envelope, args, kwargs)
         except Exception as exc:
             return encode_reply(envelope.id, False, exc)
-        if done:
-            return encode_reply(envelope.id, True, value)
-        return asyncio.ensure_future(self._reply_later(envelope.id, value))
-
-    async def serve(self, frames: Sequence[Any]) -> list[Any]:
-        """The reply frames to request ``frames``. Never raises (but may be cancelled)."""
-        reply = self.serve_now(frames)
-        if isinstance(reply, list):
-            # one loop turn before the reply, as a task of its own took: waiters this call
-            # woke (a commit's consumers) run before its caller hears back
-            await asyncio.sleep(0)
-            return reply
-        return await reply  # a cancel of the serving task cancels the handler too
+        return envelope.id, done, value
 
     @staticmethod
     async def _reply_later(rid: int, result: Any) -> list[Any]:
@@ -369,6 +384,10 @@ class Dispatcher:
                 except StopIteration as finished:
                     self.stats.end(counter, time.perf_counter() - start, None)
                     return True, finished.value
+                if left is None and envelope.token is None:
+                    # nothing to supervise (no deadline timer, no cancel token): the caller
+                    # awaits the rest itself, no task (a task hop is a loop turn of latency)
+                    return False, self._finish(envelope, _resume(coro, first), counter, start)
                 # the task copies the context: the handler sees its deadline
                 task = asyncio.ensure_future(_resume(coro, first))
             finally:
