@@ -54,7 +54,10 @@ _INDEXABLE = {
 
 _T = TypeVar("_T")
 
-__all__ = ["STRIPE_ROWS", "assemble", "carve", "dense_result", "group_by_unit", "runs", "take"]
+__all__ = [
+    "STRIPE_ROWS", "assemble", "carve", "dense_pieces", "dense_result", "group_by_unit", "runs",
+    "take",
+]  # fmt: skip
 
 
 def group_by_unit(rows: Any, units: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -366,28 +369,39 @@ def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return buf[: shape[0]]
 
 
-def dense_result(
-    pieces: list[tuple[Any, Any]], n: int, copy: bool
-) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """The shape and dtype of the new dense CPU tensor :func:`assemble` makes of these
-    pieces of ``n`` rows (from ``SMALL`` rows on), or None where it makes none (a lone
-    piece it may return as is) or another kind (jagged, lists, a small batch)."""
-    if n < SMALL or not pieces or (len(pieces) == 1 and not copy):
+def dense_pieces(pieces: list[tuple[Any, Any]]) -> tuple[tuple[int, ...], torch.dtype, int] | None:
+    """``(row shape, dtype, rows)`` when every piece is a dense CPU tensor of one row shape
+    and dtype (what one new dense tensor can hold), else None."""
+    if not pieces:
         return None
     first = pieces[0][1]
     if not isinstance(first, torch.Tensor) or first.is_nested or first.dim() == 0:
         return None
-    row, dtype = tuple(first.shape[1:]), first.dtype
+    row, dtype, rows = tuple(first.shape[1:]), first.dtype, 0
     for _, col in pieces:
         if (
             not isinstance(col, torch.Tensor)
             or col.is_nested
             or col.device.type != "cpu"
             or col.dtype != dtype
+            or col.dim() == 0
             or tuple(col.shape[1:]) != row
         ):
             return None
-    return (n, *row), dtype
+        rows += col.shape[0]
+    return row, dtype, rows
+
+
+def dense_result(
+    pieces: list[tuple[Any, Any]], n: int, copy: bool
+) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The shape and dtype of the new dense CPU tensor :func:`assemble` makes of these
+    pieces of ``n`` rows (from ``SMALL`` rows on), or None where it makes none (a lone
+    piece it may return as is) or another kind (jagged, lists, a small batch)."""
+    if n < SMALL or (len(pieces) == 1 and not copy):
+        return None
+    kind = dense_pieces(pieces)
+    return None if kind is None else ((n, *kind[0]), kind[1])
 
 
 #: bytes between the starts of two results carved from one buffer (cache-line aligned)
