@@ -26,10 +26,10 @@ from transferqueue.config import load_config
 from transferqueue.errors import PartitionNotFoundError
 from transferqueue.ops.status import collect, controller_of, quantile, report
 from transferqueue.runtime.loop import runtime_loop
+from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports._protocol import (
     LATENCY_BOUNDS,
     STATS,
-    Dispatcher,
     Envelope,
     encode_request,
     outcome,

@@ -14,10 +14,10 @@ import torch
 from transferqueue.errors import ActorError, PartitionSealedError, ProtocolError, RemoteError
 from transferqueue.runtime import codec
 from transferqueue.runtime.transports import _protocol as protocol
+from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports._protocol import (
     CANCEL,
     Calls,
-    Dispatcher,
     Envelope,
     current_deadline,
     decode_reply,

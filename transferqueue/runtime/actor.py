@@ -10,8 +10,8 @@ downwards only (transports never import this module).
 
 from __future__ import annotations
 
+from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports._protocol import (
-    Dispatcher,
     current_deadline,
     error_from_wire,
     error_to_wire,

@@ -20,8 +20,8 @@ from transferqueue.errors import ActorClosedError, TransportUnavailableError
 from transferqueue.runtime.loop import LoopThread, runtime_loop
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports import _protocol as protocol
+from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports._protocol import (
-    Dispatcher,
     Envelope,
     error_from_wire,
     error_to_wire,

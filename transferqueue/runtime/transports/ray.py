@@ -36,7 +36,8 @@ from transferqueue.errors import (
     TransportUnavailableError,
 )
 from transferqueue.runtime.transports import _protocol as protocol
-from transferqueue.runtime.transports._protocol import Dispatcher, Envelope
+from transferqueue.runtime.transports._dispatch import Dispatcher
+from transferqueue.runtime.transports._protocol import Envelope
 from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
 from transferqueue.runtime.transports.zmq_shm import ShmSettings
 

@@ -15,7 +15,7 @@ import zmq
 
 from transferqueue.config import Config
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
-from transferqueue.runtime.transports._protocol import Dispatcher
+from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports.base import Address, Channel
 from transferqueue.runtime.transports.zmq import ZmqChannel, _context
 from transferqueue.runtime.transports.zmq_actor import _Server
