@@ -29,6 +29,7 @@ column and nothing else.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from transferqueue.client.routing import dense_pieces, jagged_parts
 from transferqueue.runtime.staging import StagingPool, aligned
 
 _pool: StagingPool | None = None
@@ -204,14 +206,12 @@ class Staged:
         if not col.is_cuda:
             return col
         if col.is_nested:
-            parts = _jagged(col)
-            if parts is not None:
-                with _on(stream_of(col.device)):
-                    offsets = parts[1].cpu()  # small; synchronous
-                values = self._host_copy(parts[0])
-                return torch.nested.nested_tensor_from_jagged(values, offsets)
             with _on(stream_of(col.device)):
-                return col.cpu()
+                parts = jagged_parts(col)  # its offsets come to the host: small, synchronous
+                if parts is None:
+                    return col.cpu()
+            values = self._host_copy(parts[0])
+            return torch.nested.nested_tensor_from_jagged(values, parts[1])
         return self._host_copy(col)
 
 
@@ -269,24 +269,10 @@ class ToDevice:
     def dense(self, pieces: Sequence[tuple[Any, Any]], n: int) -> torch.Tensor | None:
         """The ``n`` rows of a dense field from per-unit pieces ``(positions, tensor)``, on
         the device in batch order; ``None``: not dense host pieces of one shape and dtype."""
-        first = pieces[0][1] if pieces else None
-        if not isinstance(first, torch.Tensor) or first.is_nested or first.dim() == 0:
+        kind = dense_pieces(list(pieces))
+        if kind is None or kind[2] != n:
             return None
-        kind = (first.shape[1:], first.dtype)
-        total = 0
-        for _, col in pieces:
-            if (
-                not isinstance(col, torch.Tensor)
-                or col.is_nested
-                or not col.is_cpu
-                or (col.shape[1:], col.dtype) != kind
-                or col.dim() == 0
-            ):
-                return None
-            total += col.shape[0]
-        if total != n:
-            return None
-        row_shape, dtype = kind
+        row_shape, dtype, _ = kind
         buf = self.pool.take(sum(c.nbytes for _, c in pieces))
         if buf is None:
             staged = torch.cat([c for _, c in pieces]) if len(pieces) > 1 else pieces[0][1]
@@ -311,7 +297,7 @@ class ToDevice:
         if not isinstance(col, torch.Tensor):
             return col
         if col.is_nested:
-            parts = _jagged(col)
+            parts = jagged_parts(col)
             if parts is not None:
                 values = self._moved(parts[0])
                 offsets = parts[1].to(self.device, non_blocking=True)
@@ -328,17 +314,7 @@ class ToDevice:
         return host.to(self.device, non_blocking=True, copy=True)
 
 
-def _jagged(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(values, offsets)`` of a jagged nested tensor without holes, ragged in dim 1."""
-    simple = getattr(t, "_lengths", None) is None and getattr(t, "_ragged_idx", 1) == 1
-    if t.layout == torch.jagged and simple:
-        return t.values(), t.offsets()  # type: ignore[attr-defined]
-    return None
-
-
 def _typed(buf: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     """The first bytes of the uint8 ``buf`` as a contiguous ``dtype`` tensor of ``shape``."""
-    n = 1
-    for s in shape:
-        n *= int(s)
+    n = math.prod(int(s) for s in shape)
     return buf[: n * dtype.itemsize].view(dtype).view(tuple(shape))

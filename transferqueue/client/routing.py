@@ -55,8 +55,8 @@ _INDEXABLE = {
 _T = TypeVar("_T")
 
 __all__ = [
-    "STRIPE_ROWS", "assemble", "carve", "dense_pieces", "dense_result", "group_by_unit", "runs",
-    "take",
+    "STRIPE_ROWS", "assemble", "carve", "dense_pieces", "dense_result", "group_by_unit",
+    "jagged_parts", "runs", "take",
 ]  # fmt: skip
 
 
@@ -97,7 +97,7 @@ def _int64(values: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.int64))  # 3x faster than torch.tensor
 
 
-def _jagged_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def jagged_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(values, offsets)`` of a plain jagged nested tensor, else None."""
     simple = getattr(t, "_lengths", None) is None and getattr(t, "_ragged_idx", 1) == 1
     if t.is_nested and t.layout == torch.jagged and simple:
@@ -154,7 +154,7 @@ def take(column: Any, positions: Any, found: list[tuple[int, int]] | None = None
     pos = torch.as_tensor(positions, dtype=torch.int64)
     one_run = len(found) == 1 if found is not None else is_range(pos)
     if isinstance(column, torch.Tensor):
-        parts = _jagged_parts(column)
+        parts = jagged_parts(column)
         if parts is not None:
             values, offsets = parts
             lengths = offsets.diff()[pos]
@@ -189,7 +189,7 @@ def _as_jagged(col: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(values, lengths)`` of a column that can be packed jagged, else None."""
     if not isinstance(col, torch.Tensor):
         return None
-    parts = _jagged_parts(col)
+    parts = jagged_parts(col)
     if parts is not None:
         values, offsets = parts
         return values[int(offsets[0]) : int(offsets[-1])], offsets.diff()
@@ -457,7 +457,7 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 def _cloned(col: Any) -> Any:
     """A column that shares no memory with ``col`` (values are copied by the store)."""
     if isinstance(col, torch.Tensor):
-        parts = _jagged_parts(col)
+        parts = jagged_parts(col)
         if parts is not None:
             values, offsets = parts
             return torch.nested.nested_tensor_from_jagged(
