@@ -36,6 +36,7 @@ class LeaseMethods:
         _timer_at: float
 
         _space: Any  # the actor's waiters for freed bytes
+
         async def _checkpoint_gate(
             self,
             pid: str,
