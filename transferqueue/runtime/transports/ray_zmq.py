@@ -17,8 +17,9 @@ from transferqueue.config import Config
 from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports.base import Address, Channel
-from transferqueue.runtime.transports.zmq import ZmqChannel, _context
+from transferqueue.runtime.transports.zmq import ZmqChannel
 from transferqueue.runtime.transports.zmq_actor import _Server
+from transferqueue.runtime.transports.zmq_pump import context
 from transferqueue.runtime.transports.zmq_shm import ShmSettings, tag_host
 
 
@@ -28,7 +29,7 @@ class ZmqServing:
 
     def __init__(self, dispatcher: Dispatcher, host: str, shm: ShmSettings | None = None) -> None:
         shm = shm or ShmSettings()
-        sock = _context().socket(zmq.ROUTER)
+        sock = context().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         tag_host(sock, shm)

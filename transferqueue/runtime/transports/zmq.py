@@ -9,7 +9,7 @@
   it and replies are matched by request id.
 * Sockets are plain (blocking-API) pyzmq sockets driven by the event loop: a reader
   callback on the socket's edge-triggered FD drains it with non-blocking calls
-  (:class:`Pump`), which costs far less than ``zmq.asyncio``. Frames travel zero-copy.
+  (:class:`~.zmq_pump.Pump`), which costs far less than ``zmq.asyncio``. Frames travel zero-copy.
 * A socket monitor notices a peer that went away: calls in flight then fail with
   :class:`~transferqueue.errors.ActorDiedError` at once, not after their timeout.
 * Servers bind to loopback unless ``zmq.host`` says otherwise; ports come from the OS.
@@ -28,14 +28,12 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import pickle
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -49,18 +47,12 @@ from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports import zmq_auth, zmq_shm
 from transferqueue.runtime.transports._protocol import CANCEL, Calls, encode_reply
 from transferqueue.runtime.transports.base import ActorHandle, ActorRef, Address, Channel, Transport
+from transferqueue.runtime.transports.zmq_pump import Pump, context, release
 
 log = logging.getLogger("transferqueue.zmq")
 
 #: after a disconnect, how long a new call waits for the peer to come back
 _DEATH_GRACE_S = 1.0
-#: messages one reader callback handles before it lets the loop run other work
-_BATCH = 64
-# plain ints: pyzmq's flag enums cost a lot on the hot path
-_POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
-_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
-_contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
-_IO_THREADS = 2
 _NO_DETAIL_WITH_KEYS = (
     "the server ended the handshake: is zmq.curve.server_key_file / server_public the "
     "server's public key?"
@@ -79,122 +71,10 @@ _HANDSHAKE_FAILED = {
 _T = TypeVar("_T")
 
 
-def _context() -> zmq.Context[zmq.Socket[bytes]]:
-    """One context per process (a forked child makes its own). Two I/O threads: a get
-    receives from every storage unit at once, and one thread copying all streams out of the
-    kernel was the bottleneck (128 MiB get from 2 units: ~145 ms -> ~110 ms)."""
-    pid = os.getpid()
-    ctx = _contexts.get(pid)
-    if ctx is None:
-        ctx = _contexts[pid] = zmq.Context(io_threads=_IO_THREADS)
-    return ctx
-
-
 def _reply_id(frames: list[Any]) -> int | None:
     with contextlib.suppress(Exception):
         return int(msgpack.unpackb(frames[0])[0])
     return None
-
-
-class Pump:
-    """A plain zmq socket driven by an event loop.
-
-    The socket's FD is edge-triggered: it only says "EVENTS may have changed", and any send
-    or receive may consume that edge. So every callback and every send re-reads EVENTS and
-    drains until nothing is left. Sends that would block wait in an outbox flushed here.
-    """
-
-    def __init__(self, sock: zmq.Socket[bytes], on_message: Callable[[list[Any]], None]) -> None:
-        self.sock, self.on_message, self.copy = sock, on_message, sock.type == zmq.PAIR
-        self.loop = loop = asyncio.get_running_loop()
-        self.closed = self._busy = False
-        self._outbox: deque[list[Any]] = deque()
-        self._fd: int = sock.get(zmq.FD)  # type: ignore[assignment]
-        loop.add_reader(self._fd, self.pump)
-        loop.call_soon(self.pump)  # messages may already wait: no edge would announce them
-
-    def send(self, frames: list[Any], drain: bool = True) -> None:
-        """Queue ``frames`` (zero-copy when large); sends at once unless it would block.
-        ``drain=False``: the caller calls :meth:`pump` itself after a batch of sends."""
-        if self.closed:
-            raise ActorClosedError("the socket is closed")
-        if self._outbox or not self._try_send(frames):
-            self._outbox.append(frames)
-        if drain and not self._busy:  # the send may have eaten the edge of a waiting message
-            self.pump()
-
-    def _try_send(self, frames: list[Any]) -> bool:
-        sock = self.sock
-        try:
-            for frame in frames[:-1]:  # a multipart message is atomic: only its first
-                sock.send(frame, _MORE, copy=False)  # part can raise Again
-            sock.send(frames[-1], _NOBLOCK, copy=False)
-        except zmq.Again:
-            return False
-        return True
-
-    def _recv(self) -> list[Any]:
-        sock = self.sock
-        if self.copy:
-            return sock.recv_multipart(_NOBLOCK)
-        parts = [sock.recv(_NOBLOCK, copy=False)]
-        while parts[-1].more:
-            parts.append(sock.recv(_NOBLOCK, copy=False))
-        return parts
-
-    def pump(self) -> None:
-        """Receive what is waiting and flush the outbox, until EVENTS says nothing is left."""
-        if self.closed or self._busy:
-            return
-        self._busy = True
-        try:
-            for _ in range(_BATCH):
-                events: int = self.sock.get(_EVENTS)  # type: ignore[assignment]
-                if events & _POLLIN:
-                    frames = self._recv()
-                    try:
-                        self.on_message(frames)
-                    except Exception:  # one bad message must not stall the socket
-                        log.exception("could not handle a message")
-                elif self._outbox and events & _POLLOUT and self._try_send(self._outbox[0]):
-                    self._outbox.popleft()
-                else:
-                    return
-                if self.closed:
-                    return
-            self.loop.call_soon(self.pump)  # more waits: let other callbacks run first
-        except zmq.ZMQError as exc:
-            log.debug("socket error: %s", exc)
-        finally:
-            self._busy = False
-
-    def close(self) -> None:
-        """Idempotent. Call on the loop's thread, or once the loop no longer runs."""
-        if self.closed:
-            return
-        self.closed = True
-        if not self.loop.is_closed():
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self._fd)
-        self._outbox.clear()
-        self.sock.close(linger=0)
-
-
-def _release(pumps: list[Pump]) -> None:
-    """Close ``pumps`` from wherever the garbage collector runs: on their loop while it
-    runs, else here."""
-    loop = pumps[0].loop
-
-    def close_all() -> None:
-        for p in pumps:
-            with contextlib.suppress(Exception):
-                p.close()
-
-    if loop.is_running():
-        with contextlib.suppress(RuntimeError):  # closed meanwhile: fall through
-            loop.call_soon_threadsafe(close_all)
-            return
-    close_all()
 
 
 class ZmqChannel(Channel):
@@ -208,7 +88,7 @@ class ZmqChannel(Channel):
         self._shm = zmq_shm.ShmSettings.of(config.zmq)
         #: whether the actor is on this host (None: no reply yet said so)
         self._same_host: bool | None = None
-        sock = _context().socket(zmq.DEALER)
+        sock = context().socket(zmq.DEALER)
         zmq_shm.tag_host(sock, self._shm)
         for opt, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100), (zmq.HEARTBEAT_IVL, 1000)):
             sock.setsockopt(opt, value)
@@ -366,7 +246,7 @@ class ZmqChannel(Channel):
         # a channel dropped (or whose event loop ended) without aclose(): release its sockets
         if not getattr(self, "_closed", True):
             self._closed = True
-            _release([self._monitor, self._pump])
+            release([self._monitor, self._pump])
 
     async def aclose(self) -> None:
         if self._closed:

@@ -32,7 +32,7 @@ from transferqueue.runtime.memory import tune_malloc_for_large_buffers
 from transferqueue.runtime.transports import zmq_auth, zmq_shm
 from transferqueue.runtime.transports._dispatch import Dispatcher
 from transferqueue.runtime.transports._protocol import Envelope, encode_reply
-from transferqueue.runtime.transports.zmq import Pump
+from transferqueue.runtime.transports.zmq_pump import Pump
 from transferqueue.runtime.transports.zmq_shm import same_host, tag_host
 
 log = logging.getLogger("transferqueue.zmq")
