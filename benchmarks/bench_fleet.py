@@ -6,6 +6,9 @@ On a zmq system (controller + 2 units, ``_common.zmq_config``):
   and through the sync facade (``loop.run``), and a bare pyzmq round trip of 40 KB (a
   DEALER/ROUTER pair, no transferqueue) -- a single-row put is at best one of those per
   round trip it makes;
+* where a put's CPU goes, from the loop: the controller's CPU for ``begin_put`` +
+  ``commit`` of one sample next to two empty calls, a unit's for one ``put`` of the sample
+  next to one empty call;
 * a single-row ``client.put`` and ``kv_batch_put`` from the sync client, one at a time
   (p50, p99);
 * the fleet: P spawned producer processes (P = 1, 8, 32; quick: 1, 8) each put S
@@ -36,6 +39,7 @@ from _common import BareZmq, Table, p50, pct, zmq_config
 from _fleet_workers import consumer, producer, sample
 
 import transferqueue as tq
+from transferqueue.client.columns import field_spec
 from transferqueue.runtime.actor import ActorRef, Address
 from transferqueue.runtime.loop import runtime_loop
 
@@ -88,6 +92,53 @@ def bare_zmq_40k(n: int) -> list[float]:
         return [bare.roundtrip([payload]) for _ in range(n)]
     finally:
         bare.close()
+
+
+def call_costs(cfg: Any, n: int, pids: list[int]) -> dict[str, float]:
+    """Where a put's CPU goes, call by call, from the runtime loop (no sync facade): CPU
+    microseconds in the controller for ``begin_put`` + ``commit`` of one sample against two
+    empty calls (``process_id``), and in a unit for one ``put`` of the sample against an
+    empty call (``stats``); each pair measured back to back."""
+    loop = runtime_loop()
+    ctrl = ActorRef(Address.from_plain(cfg.system["controller"]), cfg)
+    unit = ActorRef(Address.from_plain(cfg.system["units"][0]), cfg)
+    columns = sample()
+    specs = {k: field_spec(c) for k, c in columns.items()}
+
+    async def puts() -> None:
+        for i in range(n):
+            begun = await ctrl.call(
+                "begin_put", "fleet-calls", specs, 1, None, None, [{"s": i}], 40964, "bench"
+            )
+            await ctrl.call("commit", "fleet-calls", begun["lease"], 40964)
+
+    async def empty(ref: ActorRef, method: str, times: int) -> None:
+        for _ in range(n * times):
+            await ref.call(method)
+
+    async def unit_puts() -> None:
+        for i in range(n):
+            await unit.call("put", "fleet-calls-unit", [i], columns)
+
+    def cost(pid: int, work: Any) -> float:
+        before = cpu_seconds(pid)
+        loop.run(work)
+        return (cpu_seconds(pid) - before) / n * 1e6
+
+    out: dict[str, float] = {}
+    try:
+        loop.run(puts())  # warm
+        loop.run(unit_puts())
+        out["controller_put_us"] = cost(pids[0], puts())
+        out["controller_empty2_us"] = cost(pids[0], empty(ctrl, "process_id", 2))
+        out["unit_put_us"] = cost(pids[1], unit_puts())
+        out["unit_empty_us"] = cost(pids[1], empty(unit, "stats", 1))
+        loop.run(ctrl.call("clear_partition", "fleet-calls"))
+        loop.run(unit.call("clear_partition", "fleet-calls-unit"))
+    finally:
+        loop.run(ctrl.aclose())
+        loop.run(unit.aclose())
+    return out
 
 
 def single_puts(n: int, pids: list[int]) -> dict[str, Any]:
@@ -215,6 +266,20 @@ def run(quick: bool = False) -> dict[str, Any]:
         table.add("baseline: empty call, sync facade p50", e_sync, "ms")
         table.add("baseline: bare pyzmq 40 KB round trip p50", b50, "ms")
         figures.update(empty_loop_p50_ms=e_loop, empty_sync_p50_ms=e_sync, bare_zmq_40k_p50_ms=b50)
+
+        costs = call_costs(cfg, max(n, 1000), pids)  # /proc counts CPU in 10 ms ticks
+        table.add(
+            "controller CPU: begin_put + commit",
+            costs["controller_put_us"],
+            "us",
+            "2 empty calls",
+            costs["controller_empty2_us"],
+        )
+        table.add(
+            "unit CPU: one put of the sample", costs["unit_put_us"], "us", "1 empty call",
+            costs["unit_empty_us"],
+        )  # fmt: skip
+        figures.update(calls=costs)
 
         single = single_puts(n, pids)
         cpu = single["cpu_us"]
