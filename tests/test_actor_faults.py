@@ -134,7 +134,10 @@ async def test_system_whose_actors_died_closes_fast(base_config: dict, transport
         pytest.skip("inproc actors have no process of their own")
     from transferqueue.system import start_system
 
-    config = load_config({**base_config, "storage": {"units": 2}})
+    # a namespace of its own: on ray the session's `system` fixture may hold the default
+    # namespace's tq-controller already (it does when a test that uses it ran first)
+    namespace = {"namespace": f"tq-closes-fast-{os.getpid()}"}
+    config = load_config({**base_config, "storage": {"units": 2}, "ray": namespace})
     system = await start_system(config)
     try:
         pids = [h.pid for h in system.handles]
