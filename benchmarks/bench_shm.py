@@ -1,9 +1,11 @@
 """Same-host shared memory on the zmq transport (issue 12 item 3): 128 MiB dense put and get
 with ``zmq.shared_memory`` on and off, beside a memcpy into touched memory in the same run.
 
-* Two zmq systems (controller + ``storage.units`` units, default 2; the full run adds a
-  1-unit pair) started in this run, one with shared memory and one without; this process
-  is the client of both. put = ``client.put`` of the bench data's dense batch (5 fields of
+* Three zmq systems (controller + ``storage.units`` units, default 2; the full run adds a
+  1-unit set) started in this run (:data:`MODES`): shared memory with the units keeping a
+  put's frames as their buffers (``zmq.shm_keep``, the default: one copy per put), shared
+  memory with the units copying them (two copies), and the socket; this process is the
+  client of all three. put = ``client.put`` of the bench data's dense batch (5 fields of
   (1024, L): 3 int64, 2 float32, 128 MiB in all); get = ``client.get_data`` of the meta the
   put returned (the bytes only: no ``get_meta`` wait). The systems take turns, one repeat
   each, so that a load spike on a shared host hits both; medians after one warm-up.
@@ -43,6 +45,14 @@ from transferqueue.runtime.transports import zmq_shm
 from transferqueue.system import start_system
 
 MIB = 128
+#: the systems compared: shared memory with the units keeping a put's frames as their
+#: buffers (the default), shared memory with the units copying them (two copies per put),
+#: and the socket
+MODES: dict[str, dict[str, bool]] = {
+    "shm": {"shared_memory": True},
+    "shm_copy": {"shared_memory": True, "shm_keep": False},
+    "socket": {"shared_memory": False},
+}
 TARGET_GBPS = 4.0
 TARGET_RATIO = 0.5
 
@@ -106,12 +116,12 @@ def measure(units: int, reps: int) -> dict[str, float]:
     between rounds; the copy beside each round moves with it)."""
     batch, nbytes, _ = dense(MIB)
     systems = {}
+    copied: dict[str, float] = {}
     try:
-        for mode in ("shm", "socket"):
-            cfg = {"transport": "zmq", "storage": {"units": units}}
-            cfg["zmq"] = {"shared_memory": mode == "shm"}
+        for mode, zmq in MODES.items():
+            cfg = {"transport": "zmq", "storage": {"units": units}, "zmq": zmq}
             systems[mode] = runtime_loop().run(start_system(load_config(cfg)))
-        rounds: dict[str, list[tuple[float, float, float]]] = {"shm": [], "socket": []}
+        rounds: dict[str, list[tuple[float, float, float]]] = {m: [] for m in systems}
         moved: dict[str, dict[str, int]] = {m: {} for m in systems}
         cpu: list[list[float]] = []  # per shm put: wall ms, then CPU ms of each process
         copy_cpu: list[float] = []
@@ -129,15 +139,22 @@ def measure(units: int, reps: int) -> dict[str, float]:
                         copy_cpu.append(copy_cpu_ms(nbytes))
                     for k in after:
                         moved[mode][k] = moved[mode].get(k, 0) + after[k] - before[k]
+        for mode, system in systems.items():  # what the units' writes copied, per put
+            stats = [runtime_loop().run(u.call("stats")) for u in system.async_client._units]
+            copied[mode] = sum(st["copied_bytes"] for st in stats) / (reps + 1) / nbytes
     finally:
         for system in systems.values():
             runtime_loop().run(system.aclose())
-    if moved["shm"]["sent_socket"] or moved["shm"]["sent_shm"] < reps * nbytes:
-        raise RuntimeError(f"the shared-memory system's bytes took the socket: {moved['shm']}")
+    for mode in ("shm", "shm_copy"):
+        if moved[mode]["sent_socket"] or moved[mode]["sent_shm"] < reps * nbytes:
+            raise RuntimeError(f"the {mode} system's bytes took the socket: {moved[mode]}")
+    if copied["shm"] or copied["shm_copy"] < 1:
+        raise RuntimeError(f"the units copied (share of each put's bytes): {copied}")
     if moved["socket"]["sent_shm"] or moved["socket"]["received_shm"]:
         raise RuntimeError(f"the socket system's bytes took shared memory: {moved['socket']}")
-    all_rounds = rounds["shm"] + rounds["socket"]
+    all_rounds = [r for rs in rounds.values() for r in rs]
     out = {"memcpy_touched_GBps": p50([c for _, _, c in all_rounds])}
+    out.update({f"unit_copied_per_put_{mode}": c for mode, c in copied.items()})
     if cpu:
         names = ["put_wall_ms", "cpu_client_ms", "cpu_controller_ms"]
         names += [f"cpu_unit{k}_ms" for k in range(len(cpu[0]) - len(names))]
@@ -172,6 +189,16 @@ def run(quick: bool = False) -> dict[str, Any]:
                 f">= {TARGET_GBPS:g} GB/s and >= {TARGET_RATIO}x",
                 met,
             )
+            if op == "put":
+                two = f["put_shm_copy_GBps"]
+                table.add(
+                    "put, shared memory, units copy (shm_keep: false)",
+                    two,
+                    "GB/s",
+                    "memcpy touched",
+                    copy,
+                )
+                f["put_keep_over_copy"] = shm / two
             table.add(f"{op}, socket (shared_memory: false)", sock, "GB/s", "memcpy touched", copy)
             f[f"{op}_shm_over_socket"] = shm / sock
         table.note(
@@ -182,7 +209,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
         table.note(
             f"shared memory / socket: put {f['put_shm_over_socket']:.2f}x, "
-            f"get {f['get_shm_over_socket']:.2f}x"
+            f"get {f['get_shm_over_socket']:.2f}x; units keeping the frames / copying them: "
+            f"put {f['put_keep_over_copy']:.2f}x (per round: {f['put_shm_over_memcpy']:.2f}x "
+            f"vs {f['put_shm_copy_over_memcpy']:.2f}x of the copy); the units copied "
+            f"{f['unit_copied_per_put_shm']:.2f} / {f['unit_copied_per_put_shm_copy']:.2f} "
+            "of a put's bytes"
         )
         if "cpu_client_ms" in f:
             units_cpu = "/".join(f"{f[f'cpu_unit{k}_ms']:.1f}" for k in range(units))

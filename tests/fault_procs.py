@@ -62,3 +62,22 @@ def consumer_holding_a_leased_batch(
     meta = tq.get_client().get_meta(["x"], 2, pid, "train", lease_s=lease_s)
     conn.send(meta.rows)
     conn.recv()  # never sent: killed here
+
+
+def large_batch(seed: int, rows: int = 512) -> dict[str, torch.Tensor]:
+    """Two fields of 4 MiB: 1 MiB frames for each run of rows a unit (of two) gets, which
+    take shared memory."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 2048, generator=g)
+    return {"x": x, "y": torch.randint(0, 1 << 40, (rows, 1024), generator=g)}
+
+
+def producer_of_a_large_batch(config: Any, pid: str, seed: int, conn: Connection) -> None:
+    """Put :func:`large_batch` (the units keep its shared-memory frames), report, wait to be
+    killed."""
+    tq.init(config)
+    client = tq.get_client()
+    batch = large_batch(seed)
+    client.put(batch, partition_id=pid)
+    conn.send(sum(t.nbytes for t in batch.values()))
+    asyncio.run(asyncio.Event().wait())

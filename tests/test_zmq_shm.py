@@ -7,11 +7,14 @@ segment logic itself (reuse, refusal, SIGKILLed senders and receivers) is tested
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fault_procs
 import pytest
 import torch
 from tensordict import TensorDict
@@ -22,6 +25,7 @@ from transferqueue.runtime.transports import zmq_auth, zmq_shm
 from transferqueue.system import System, start_system
 
 pytestmark = pytest.mark.timeout(180)
+SPAWN = multiprocessing.get_context("spawn")
 
 
 def _start(**zmq: Any) -> System:
@@ -112,6 +116,78 @@ async def test_a_peer_of_another_host_gets_the_socket(shm_system: System, monkey
         await aclient.clear_partition("far")
     finally:
         await aclient.close()
+
+
+def _unit_stats(system: System) -> list[dict[str, Any]]:
+    return [runtime_loop().run(u.call("stats")) for u in system.async_client._units]
+
+
+def _kept_copied(system: System) -> tuple[int, int]:
+    stats = _unit_stats(system)
+    return sum(s["kept_bytes"] for s in stats), sum(s["copied_bytes"] for s in stats)
+
+
+def test_units_keep_a_puts_frames_and_the_sender_reuses_them_once_cleared(
+    shm_system: System,
+) -> None:
+    client = shm_system.client
+    td, nbytes = _batch(11)
+    expected = td.clone()
+    _, copied = _kept_copied(shm_system)
+    meta = client.put(td, partition_id="keep")
+    assert _kept_copied(shm_system) == (nbytes, copied)  # kept: the units copied nothing
+    td["x"].add_(1.0)  # what you put you may change afterwards
+    for seed in (12, 13):  # more puts while the units keep the first one's segments
+        client.put(_batch(seed)[0], partition_id=f"keep-{seed}")
+    got = client.get_data(meta)
+    assert torch.equal(got["x"], expected["x"]) and torch.equal(got["ids"], expected["ids"])
+    for name in ("keep", "keep-12", "keep-13"):
+        client.clear_partition(name)
+    assert _kept_copied(shm_system)[0] == 0
+    pool = zmq_shm.pool(shm_system.config.zmq.shm_pool_bytes)
+    segments = len(pool)
+    for seed in (14, 15, 16):  # the cleared puts' segments came back to this sender
+        more, _ = _batch(seed)
+        again = client.get_data(client.put(more, partition_id="keep-again"))
+        assert torch.equal(again["x"], more["x"])
+        client.clear_partition("keep-again")
+    assert len(pool) == segments
+
+
+def test_shm_keep_off_copies_the_frames() -> None:
+    system = _start(shm_keep=False)
+    try:
+        td, nbytes = _batch(17)
+        moved, got = _put_and_get(system.client, "copied", td)
+        assert moved["sent_shm"] == nbytes and _kept_copied(system) == (0, nbytes)
+        assert torch.equal(got["x"], td["x"]) and torch.equal(got["ids"], td["ids"])
+    finally:
+        runtime_loop().run(system.aclose())
+
+
+def test_what_the_units_keep_outlives_its_sigkilled_sender(shm_system: System) -> None:
+    parent, child = SPAWN.Pipe()
+    args = (shm_system.config, "kept-orphan", 18, child)
+    proc = SPAWN.Process(target=fault_procs.producer_of_a_large_batch, args=args, daemon=True)
+    proc.start()
+    try:
+        assert parent.poll(120), "the producer never reported its put"
+        nbytes = parent.recv()
+        assert _kept_copied(shm_system)[0] == nbytes  # its segments hold the rows
+        os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    client = shm_system.client
+    meta = client.get_meta(["x", "y"], 512, "kept-orphan", task_name="reader")
+    got = client.get_data(meta)
+    want = fault_procs.large_batch(18)
+    order = meta.global_indexes  # rows in the order the sampler gave them
+    assert torch.equal(got["x"], want["x"][order]) and torch.equal(got["y"], want["y"][order])
+    client.clear_partition("kept-orphan")
+    assert _kept_copied(shm_system)[0] == 0
 
 
 def _maps(pid: int) -> str:

@@ -150,6 +150,10 @@ class ZmqConfig:
     #: at most this many bytes of segments per sending process (reused once their receiver
     #: lets go of them); a message that finds no room takes the socket
     shm_pool_bytes: int = 1 << 30
+    #: a storage unit keeps the shared-memory frames of a put that fills a new field buffer
+    #: as that buffer instead of copying them (one copy per put, not two); the memory then
+    #: lives in the putting process's segment until the unit drops the rows (clear)
+    shm_keep: bool = True
 
 
 @dataclass(frozen=True)
@@ -263,10 +267,11 @@ class Config:
         self._check_placement()
         if self.zmq.protocol not in ("tcp", "ipc"):
             raise ConfigError(f"zmq.protocol must be 'tcp' or 'ipc'; got {self.zmq.protocol!r}")
-        if not isinstance(self.zmq.shared_memory, bool):
-            raise ConfigError(
-                f"zmq.shared_memory must be true or false; got {self.zmq.shared_memory!r}"
-            )
+        for key in ("shared_memory", "shm_keep"):
+            if not isinstance(getattr(self.zmq, key), bool):
+                raise ConfigError(
+                    f"zmq.{key} must be true or false; got {getattr(self.zmq, key)!r}"
+                )
         for key in ("shm_min_bytes", "shm_pool_bytes"):
             value = getattr(self.zmq, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

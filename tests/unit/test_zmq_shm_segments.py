@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from transferqueue.errors import ActorDiedError, ConfigError, ProtocolError
+from transferqueue.runtime import memory
 from transferqueue.runtime.transports import zmq_shm
 from transferqueue.runtime.transports.zmq_shm import MARK, Pool, ShmSettings
 
@@ -105,6 +106,74 @@ def test_a_segment_is_reused_once_its_receiver_lets_go() -> None:
     assert _segments_mapped() == base - 4  # two segments, each mapped by sender and receiver
 
 
+def test_a_handler_keeps_consecutive_frames_as_one_buffer_that_holds_the_segment() -> None:
+    pool = Pool(64 * MiB)
+    a, b = torch.randn(MiB // 4), torch.randn(MiB // 4)  # 1 MiB each: end to end in a segment
+    expected = torch.cat([a, b])
+    got = zmq_shm.unpack(pool.pack(_frames(a, b), [1, 2], 1), 1)  # type: ignore[arg-type]
+    owned = zmq_shm.owned(got)
+    assert owned is not None and zmq_shm.owned([b"h", memoryview(b"x")]) is None
+    ta, tb = _tensor(got[1]), _tensor(got[2])
+    token = memory.request_frames(owned)
+    try:
+        assert memory.take_ownership(ta[:-1]) is None  # not a whole frame
+        kept = memory.take_ownership([ta, tb])
+        assert memory.take_ownership(ta) is None  # each frame is offered once
+    finally:
+        memory.reset_request_frames(token)
+    assert kept is not None and torch.equal(kept, expected)
+    del got, ta, tb, owned
+    other = _frames(torch.zeros(MiB // 2))
+    zmq_shm.unpack(pool.pack(other, [1], 1), 1)  # type: ignore[arg-type]
+    assert len(pool) == 2  # the kept buffer holds the first segment
+    assert torch.equal(kept, expected)
+    del kept
+    zmq_shm.unpack(pool.pack(other, [1], 1), 1)  # type: ignore[arg-type]
+    zmq_shm.unpack(pool.pack(other, [1], 1), 1)  # type: ignore[arg-type]
+    assert len(pool) == 2  # both reused
+    pool.close()
+    zmq_shm.sweep()
+
+
+def test_frames_apart_in_the_segment_are_not_kept_as_one() -> None:
+    pool = Pool(64 * MiB)
+    a, b = torch.randn(MiB // 4 + 1), torch.randn(MiB // 4 + 1)  # 4 bytes past a cache line
+    got = zmq_shm.unpack(pool.pack(_frames(a, b), [1, 2], 1), 1)  # type: ignore[arg-type]
+    owned = zmq_shm.owned(got)
+    assert owned is not None
+    ta, tb = _tensor(got[1]), _tensor(got[2])
+    assert tb.data_ptr() > ta.data_ptr() + ta.nbytes  # aligned: a gap between them
+    token = memory.request_frames(owned)
+    try:
+        assert memory.take_ownership([ta, tb]) is None
+        kept = memory.take_ownership(ta)  # each alone still can be
+    finally:
+        memory.reset_request_frames(token)
+    assert kept is not None and torch.equal(kept, a)
+    del got, ta, tb, owned, kept
+    pool.close()
+    zmq_shm.sweep()
+
+
+def test_segments_their_receivers_keep_do_not_count_toward_the_pool() -> None:
+    pool = Pool(4 * MiB)  # one 4 MiB segment (3 MiB rounded up to 2 MiB steps)
+    held = []
+    for i in range(4):  # 12 MiB kept by the receiver: three times the pool
+        out = pool.pack(_frames(torch.full((3 * MiB // 4,), float(i))), [1], 1)
+        assert out is not None  # not the socket
+        held.append(_tensor(zmq_shm.unpack(out, 1)[1]))  # type: ignore[arg-type]
+    # the pool remembers at most pool_bytes of kept segments beside the newest; the
+    # receiver's data outlives the sender's handle of the older ones
+    assert len(pool) == 2
+    assert [int(t[0]) for t in held] == [0, 1, 2, 3] and all(bool((t == t[0]).all()) for t in held)
+    del held
+    for _ in range(3):
+        zmq_shm.unpack(pool.pack(_frames(torch.ones(3 * MiB // 4)), [1], 1), 1)  # type: ignore[arg-type]
+    assert len(pool) == 2  # let go of: reused
+    pool.close()
+    zmq_shm.sweep()
+
+
 def test_the_receiver_maps_a_segment_once_for_many_messages() -> None:
     pool = Pool(64 * MiB)
     frames = _frames(torch.ones(MiB))
@@ -159,8 +228,9 @@ def test_host_id_is_stable_and_settings_are_checked() -> None:
 
     assert zmq_shm.host_id() == zmq_shm.host_id() and len(zmq_shm.host_id()) == 32
     cfg = load_config({"zmq": {"shared_memory": False, "shm_min_bytes": 4096}})
-    assert ShmSettings.of(cfg.zmq) == ShmSettings(False, 4096, 1 << 30)
-    for bad in ({"shared_memory": "yes"}, {"shm_min_bytes": 0}, {"shm_pool_bytes": True}):
+    assert ShmSettings.of(cfg.zmq) == ShmSettings(False, 4096, 1 << 30, True)
+    bads = [{"shared_memory": "yes"}, {"shm_min_bytes": 0}, {"shm_pool_bytes": True}]
+    for bad in [*bads, {"shm_keep": 1}]:
         with pytest.raises(ConfigError):
             load_config({"zmq": bad})
 

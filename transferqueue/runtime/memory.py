@@ -19,17 +19,25 @@ memory stays mapped in the process. zmq and Ray actor processes always apply it;
 that connects to zmq actors, or hosts an inproc system's actors, does unless
 ``zmq.tune_malloc`` is false (then the environment variables
 ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824`` do the same).
+
+:func:`take_ownership` lets a request's handler keep memory the request brought with it
+instead of copying it: a transport whose received frames nobody else holds (the zmq
+transport's shared-memory frames) names them around the handler's call
+(:func:`request_frames`), and a storage unit then keeps a frame as a field buffer as is.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import ctypes.util
 import functools
 import math
 import mmap
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -96,3 +104,61 @@ def on_storage(
     another tensor (no ``_base``): it alone holds the storage."""
     strides = torch.empty(shape, dtype=dtype, device="meta").stride()  # allocates nothing
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+
+
+class RequestFrames(Protocol):
+    """Frames of a request that nobody but the request holds (a transport makes one)."""
+
+    def take(self, start: int, nbytes: int) -> Any | None:
+        """A buffer over exactly ``[start, start + nbytes)`` when that is one frame or
+        consecutive frames (keeping their memory alive as long as it lives; they are not
+        offered again); else None."""
+
+
+#: the frames of the request being handled that its handler may keep
+_request_frames: contextvars.ContextVar[RequestFrames | None] = contextvars.ContextVar(
+    "tq_request_frames", default=None
+)
+
+
+def request_frames(frames: RequestFrames | None) -> contextvars.Token[RequestFrames | None]:
+    """Name the frames of the request whose handler runs next in this context that nobody
+    but the request holds (None: none), for :func:`take_ownership`. Returns the token for
+    :func:`reset_request_frames`."""
+    return _request_frames.set(frames)
+
+
+def reset_request_frames(token: contextvars.Token[RequestFrames | None]) -> None:
+    _request_frames.reset(token)
+
+
+def take_ownership(chunks: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor of the rows of ``chunks`` (a tensor, or consecutive chunks of rows) that
+    alone holds their memory, when that memory is exactly frames of the running request
+    that :func:`request_frames` named, end to end (they are then no longer offered); else
+    None (copy them). The memory stays alive, and its sender keeps off it, as long as the
+    returned tensor lives."""
+    frames = _request_frames.get()
+    parts = [chunks] if isinstance(chunks, torch.Tensor) else list(chunks)
+    if frames is None or not parts:
+        return None
+    first = parts[0]
+    start = at = first.data_ptr()
+    for t in parts:
+        if (
+            t.device.type != "cpu"
+            or not t.is_contiguous()
+            or t.dtype != first.dtype
+            or t.shape[1:] != first.shape[1:]
+            or t.data_ptr() != at
+        ):
+            return None
+        at += t.nbytes
+    if at == start:
+        return None
+    buf = frames.take(start, at - start)
+    if buf is None:
+        return None
+    storage = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+    rows = sum(t.shape[0] for t in parts)
+    return on_storage(storage, (rows, *first.shape[1:]), first.dtype)

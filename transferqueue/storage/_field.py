@@ -11,6 +11,7 @@ A cell lives in one of four places, recorded per slot in ``Field.state``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from transferqueue.errors import SchemaError
 from transferqueue.runtime import memory
-from transferqueue.storage._arena import JaggedArena, gather_dense
+from transferqueue.storage._arena import JaggedArena, gather_dense, is_range
 from transferqueue.storage._input import (
     FieldData,
     as_rows,
@@ -63,15 +64,17 @@ def _fit(
     row_shape: tuple[int, ...],
     dtype: torch.dtype,
     pool: BufferPool,
+    give: Callable[[torch.Tensor | None], None],
 ) -> torch.Tensor:
-    """``buf`` with room for ``need`` rows, grown geometrically (into pooled memory if any)."""
+    """``buf`` with room for ``need`` rows, grown geometrically (into pooled memory if any;
+    ``give`` takes the outgrown one)."""
     cap = 0 if buf is None else buf.shape[0]
     if buf is not None and need <= cap:
         return buf
     grown = pool.take(max(need, 2 * cap), row_shape, dtype)
     if buf is not None:
         grown[:cap].copy_(buf)
-        pool.give(buf)
+        give(buf)
     return grown
 
 
@@ -104,6 +107,7 @@ class Field:
         self.written = 0  # slots below this were written (and may have been read as views)
         self.overlay: Overlay | None = None  # cells rewritten while views were alive
         self.arena: JaggedArena | None = None
+        self.kept = 0  # the storage address of a buffer kept from a put's frame, or 0
         self.cells: dict[int, Any] = {}
         self.count = 0
         self.dense_count = 0  # DENSE and MOVED cells
@@ -159,7 +163,7 @@ class Field:
             grown[: self.buffer.shape[0]].copy_(
                 self.buffer
             )  # converts (a pooled one may be longer)
-            self.pool.give(self.buffer)
+            self.give(self.buffer)
             self.buffer, self.written = grown, 0
             self._fold()  # into the new buffer, which no view shares
             self.overlay = None
@@ -212,7 +216,7 @@ class Field:
     def trim(self) -> None:
         """Drop buffers no row uses (overwrites keep them, to reuse their pages)."""
         if self.dense_count == 0:
-            self.pool.give(self.buffer)
+            self.give(self.buffer)
             self.buffer = None
             self.overlay = None
             self.written = 0
@@ -264,11 +268,13 @@ class Field:
             self._write_dense_elsewhere(slots, dense_rows(chunks))  # jagged (or one by one)
             return
         if buf is not None and not same:
-            self.pool.give(buf)
+            self.give(buf)
             buf = self.buffer = None  # no row uses the old shape any more
             self.overlay = None
+        if buf is None and self._keep(slots, chunks, lo, need):
+            return
         old = buf
-        buf = self.buffer = _fit(buf, need, row_shape, first.dtype, self.pool)
+        buf = self.buffer = _fit(buf, need, row_shape, first.dtype, self.pool, self.give)
         if old is not None and buf is not old:
             self.copies.nbytes += old.nbytes
         risky = slots < self.written if lo < self.written and shared(buf) else None
@@ -286,6 +292,40 @@ class Field:
             self.state[slots] = DENSE
         self.written = max(self.written, need)
         self.dense_count += slots.size
+
+    def _keep(
+        self, slots: np.ndarray, chunks: torch.Tensor | list[torch.Tensor], lo: int, need: int
+    ) -> bool:
+        """Make a put's frames the new buffer, no copy, when they are all of it (rows 0..n-1
+        in order, one frame or consecutive ones end to end) and the request lets them go
+        (``memory.take_ownership``: shared-memory frames that nobody else holds). Their
+        memory is not pooled when the buffer goes."""
+        if lo != 0 or need != slots.size or not is_range(slots):
+            return False
+        buf = memory.take_ownership(chunks)
+        if buf is None:
+            return False
+        self.buffer, self.kept = buf, buf.untyped_storage().data_ptr()
+        self.state[slots] = DENSE
+        self.written = need
+        self.dense_count += slots.size
+        return True
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the buffer, when it is one kept from a put's frames (:meth:`_keep`)."""
+        buf = self.buffer
+        if buf is None or not self.kept or buf.untyped_storage().data_ptr() != self.kept:
+            return 0
+        return buf.nbytes
+
+    def give(self, buf: torch.Tensor | None) -> None:
+        """Hand a buffer this field no longer uses to the pool (one kept from a put's frame
+        is not the store's memory: it goes back to its sender when freed)."""
+        if buf is not None and self.kept and buf.untyped_storage().data_ptr() == self.kept:
+            self.kept = 0
+            return
+        self.pool.give(buf)
 
     def _replace_buffer(self, buf: torch.Tensor) -> torch.Tensor:
         """A new buffer holding ``buf``'s written rows (and the overlay's cells)."""

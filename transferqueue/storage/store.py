@@ -190,6 +190,12 @@ class Store:
         return self._copies.nbytes
 
     @property
+    def kept_bytes(self) -> int:
+        """Bytes of buffers kept as is from puts' shared-memory frames (``Field._keep``):
+        stored data whose memory the putting process's segments hold."""
+        return sum(f.kept_bytes for p in self._partitions.values() for f in p.fields.values())
+
+    @property
     def pooled_bytes(self) -> int:
         """Bytes of dropped buffers kept for reuse (not stored data; see :mod:`._pool`)."""
         return self._pool.nbytes
@@ -380,7 +386,7 @@ class Store:
             return 0
         freed = part.nbytes
         for field in part.fields.values():
-            self._pool.give(field.buffer)
+            field.give(field.buffer)
         part.fields.clear()
         self._nbytes -= freed
         return freed

@@ -159,7 +159,8 @@ class StorageUnit:
         await asyncio.Event().wait()
 
     async def stats(self) -> dict[str, Any]:
-        """Bytes used and capacity, waiting puts, and per-partition rows/fields/bytes."""
+        """Bytes used and capacity, waiting puts, bytes its writes copied and kept (from
+        shared-memory puts, no copy), and per-partition rows/fields/bytes."""
         return {
             "unit_id": self.unit_id,
             "pid": os.getpid(),
@@ -168,5 +169,7 @@ class StorageUnit:
             "capacity_bytes": self._store.capacity_bytes,
             "block_when_full": self.block_when_full,
             "waiting_puts": self._waiting,
+            "copied_bytes": self._store.copied_bytes,
+            "kept_bytes": self._store.kept_bytes,
             "partitions": self._store.stats(),
         }

@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 from transferqueue import errors
-from transferqueue.runtime import codec
+from transferqueue.runtime import codec, memory
 from transferqueue.runtime.transports._protocol import (
     CANCEL,
     LATENCY_BOUNDS,
@@ -148,14 +148,18 @@ class Dispatcher:
         self._running: dict[int, list[Callable[[str], None]]] = {}
         self.stats = RequestStats()
 
-    def serve_now(self, frames: Sequence[Any]) -> list[Any] | asyncio.Future[list[Any]]:
+    def serve_now(
+        self, frames: Sequence[Any], owned: memory.RequestFrames | None = None
+    ) -> list[Any] | asyncio.Future[list[Any]]:
         """The reply frames to request ``frames``, here and now when its handler finishes
         without suspending (most do: no task, no timer); else a future of them, the handler
         going on in a task of its own. Never raises (but the future may be cancelled).
+        ``owned``: the frames nobody but this request holds, which its handler may keep
+        (:func:`~transferqueue.runtime.memory.take_ownership`).
 
         A caller that sends an inline reply at once lets the caller of a ``commit`` hear back
         before the waiters it woke run: give the loop a turn first, as :meth:`serve` does."""
-        begun = self._begin(frames)
+        begun = self._begin(frames, owned)
         if isinstance(begun, list):
             return begun
         rid, done, value = begun
@@ -178,7 +182,9 @@ class Dispatcher:
         # a cancel of the serving coroutine cancels the handler too
         return await self._reply_later(rid, value)
 
-    def _begin(self, frames: Sequence[Any]) -> list[Any] | tuple[int, bool, Any]:
+    def _begin(
+        self, frames: Sequence[Any], owned: memory.RequestFrames | None = None
+    ) -> list[Any] | tuple[int, bool, Any]:
         """Decode request ``frames`` and start its call (:meth:`_start`): ``(request id,
         done, result or awaitable)``, or the reply frames of a request refused or failed at
         once."""
@@ -200,7 +206,7 @@ class Dispatcher:
             self.stats.refused(self._counted_as(envelope.method), exc)
             return encode_reply(envelope.id, False, exc)
         try:
-            done, value = self._start(envelope, args, kwargs)
+            done, value = self._start(envelope, args, kwargs, owned)
         except Exception as exc:
             return encode_reply(envelope.id, False, exc)
         return envelope.id, done, value
@@ -239,7 +245,11 @@ class Dispatcher:
         return await value
 
     def _start(
-        self, envelope: Envelope, args: Sequence[Any], kwargs: Mapping[str, Any]
+        self,
+        envelope: Envelope,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        owned: memory.RequestFrames | None = None,
     ) -> tuple[bool, Any]:
         """Start the call of ``envelope``: ``(True, result)`` when its handler finished
         without suspending, else ``(False, awaitable of the result)``; raises what a handler
@@ -260,6 +270,9 @@ class Dispatcher:
                     "it was not executed (raise the caller's timeout)"
                 )
             reset = _deadline.set(deadline)
+            # every handler sees its own request's frames only (None: a transport, inproc,
+            # whose frames may be the caller's)
+            reset_owned = memory.request_frames(owned)
             try:
                 # most handlers finish without suspending: run the first step here, and
                 # only one that suspends goes on in a task of its own, supervised (deadline
@@ -277,6 +290,7 @@ class Dispatcher:
                 # the task copies the context: the handler sees its deadline
                 task = asyncio.ensure_future(_resume(coro, first))
             finally:
+                memory.reset_request_frames(reset_owned)
                 _deadline.reset(reset)
         except BaseException as exc:  # a failed call is counted too
             self.stats.end(counter, time.perf_counter() - start, exc)

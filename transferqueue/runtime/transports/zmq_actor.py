@@ -77,7 +77,10 @@ class _Server:
             except ActorError as exc:  # answer that request: its bytes cannot be had
                 self._send([ident, *encode_reply(_request_id(body[1:]), False, exc)])
                 return
-        reply = self.dispatcher.serve_now(body)
+            owned = zmq_shm.owned(body) if self.shm.keep else None
+        else:
+            owned = None
+        reply = self.dispatcher.serve_now(body, owned)
         if isinstance(reply, list):
             body.clear()  # a request's segment goes back to its sender as soon as it can
             if not self._out:

@@ -28,41 +28,64 @@ docs/architecture.md for the decision and the figures.
 Descriptor frame: ``MARK + msgpack([pid, fd, gen, [[index, offset, length], ...]])``, placed
 before the message's first protocol frame; each frame it moved is left as ``b""`` in place.
 ``MARK`` is 0xC1, a byte msgpack never uses, so no envelope or reply header starts with it.
-Nothing here touches a socket; ``tests/unit/test_zmq_shm_segments.py`` drives it in one process.
+A server names a request's shared-memory frames to its handler (:func:`owned`), which may
+keep them instead of copying them (a storage unit's buffer; ``zmq.shm_keep``): the frames
+hold the message's lease, so the sender stays off that segment until they are freed.
+
+The sending side (segments, the pool) is in :mod:`.zmq_shm_pool`. Nothing here touches a
+socket; ``tests/unit/test_zmq_shm_segments.py`` drives it in one process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import mmap
 import os
 import secrets
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
-import torch
 import zmq
 
 from transferqueue.errors import ActorDiedError, ProtocolError
+from transferqueue.runtime.transports.zmq_shm_pool import (
+    ACK,
+    MARK,
+    MEMFD_NAME,
+    PAGE,
+    RECLAIM_S,
+    Pool,
+    nbytes,
+    pool,
+)
 
-#: the first byte of a descriptor frame: msgpack's never-used byte
-MARK = 0xC1
+__all__ = [
+    "COUNTERS",
+    "MARK",
+    "RECLAIM_S",
+    "Owned",
+    "Pool",
+    "Receiver",
+    "ShmSettings",
+    "host_id",
+    "is_descriptor",
+    "large_frames",
+    "owned",
+    "pack",
+    "pool",
+    "same_host",
+    "sweep",
+    "tag_host",
+    "unpack",
+]
+
 #: the zmq handshake metadata property that carries :func:`host_id`
 HOST_PROPERTY = "X-TQ-Host"
-#: seconds after which a segment sent but never acknowledged may be reused
-RECLAIM_S = 120.0
-_PAGE = mmap.PAGESIZE
-_ALIGN = 64  # each frame starts on a cache line
-_ROUND = 2 << 20  # segment capacities are rounded up to 2 MiB
-_MEMFD_NAME = "tq-shm"
-_GEN, _ACK = slice(0, 8), slice(8, 16)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,7 @@ class ShmSettings:
     enabled: bool = True
     min_bytes: int = 1 << 20
     pool_bytes: int = 1 << 30
+    keep: bool = True  # a server's handlers may keep request frames (``zmq.shm_keep``)
 
     @classmethod
     def of(cls, zmq_config: Any) -> ShmSettings:
@@ -79,6 +103,7 @@ class ShmSettings:
             bool(zmq_config.shared_memory),
             int(zmq_config.shm_min_bytes),
             int(zmq_config.shm_pool_bytes),
+            bool(zmq_config.shm_keep),
         )
 
 
@@ -116,163 +141,9 @@ class Counters:
 COUNTERS = Counters()
 
 
-def _nbytes(frame: Any) -> int:
-    if type(frame) is memoryview:
-        return frame.nbytes
-    if type(frame) is bytes:
-        return len(frame)
-    return memoryview(frame).nbytes
-
-
 def large_frames(frames: Sequence[Any], start: int, min_bytes: int) -> list[int]:
     """Indexes (from ``start``) of the frames that would travel in shared memory."""
-    return [i for i in range(start, len(frames)) if _nbytes(frames[i]) >= min_bytes]
-
-
-class _Segment:
-    def __init__(self, capacity: int) -> None:
-        self.fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, _PAGE + capacity)
-            self.map = mmap.mmap(self.fd, _PAGE + capacity)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.view = memoryview(self.map)
-        self.capacity = capacity
-        self.gen = 0  # 0: never sent
-        self.sent_at = 0.0
-
-    def reusable(self, now: float) -> bool:
-        """Take the segment for a new message (an exclusive lock, held until :meth:`sent`)
-        if its receiver is done with it."""
-        acked = int.from_bytes(self.view[_ACK], "little") == self.gen
-        if self.gen and not acked and now - self.sent_at < RECLAIM_S:
-            return False  # sent, and the receiver has not taken it yet
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a receiver still maps it
-        return True
-
-    def sent(self, gen: int) -> None:
-        self.gen, self.sent_at = gen, time.monotonic()
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        self.view.release()
-        self.map.close()
-        os.close(self.fd)
-
-
-#: set in a forked child: torch's intra-op thread pool may hang there (what DataLoader
-#: workers avoid with ``torch.set_num_threads(1)``), so copies are plain memcpy
-_forked = False
-
-
-def _copy(view: memoryview, at: int, src: memoryview) -> None:
-    """``view[at:] = src``: torch's copy (vectorised; ~1.4x a memoryview assignment here)."""
-    if src.readonly or _forked:  # torch wants writable sources
-        view[at : at + src.nbytes] = src
-        return
-    dst = torch.frombuffer(view, dtype=torch.uint8, count=src.nbytes, offset=at)
-    dst.copy_(torch.frombuffer(src, dtype=torch.uint8))
-
-
-class Pool:
-    """The sending side's segments, reused once their receivers let go; at most
-    ``pool_bytes`` in all (beyond that a message takes the socket)."""
-
-    def __init__(self, pool_bytes: int) -> None:
-        self.pool_bytes = pool_bytes
-        self._segments: list[_Segment] = []
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(s.capacity for s in self._segments)
-
-    def __len__(self) -> int:
-        return len(self._segments)
-
-    def _take(self, need: int) -> _Segment | None:
-        now = time.monotonic()
-        free = [s for s in self._segments if s.capacity >= need and s.reusable(now)]
-        if free:
-            best = min(free, key=lambda s: s.capacity)
-            for s in free:
-                if s is not best:
-                    fcntl.flock(s.fd, fcntl.LOCK_UN)
-            return best
-        capacity = -(-need // _ROUND) * _ROUND
-        if self.held_bytes + capacity > self.pool_bytes:  # drop free segments too small
-            for s in list(self._segments):
-                if s.reusable(now):
-                    self._segments.remove(s)
-                    s.close()
-                if self.held_bytes + capacity <= self.pool_bytes:
-                    break
-            else:
-                return None
-        seg = _Segment(capacity)
-        fcntl.flock(seg.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._segments.append(seg)
-        return seg
-
-    def pack(self, frames: Sequence[Any], indexes: Sequence[int], start: int) -> list[Any] | None:
-        """``frames`` with those at ``indexes`` moved into a segment and a descriptor frame
-        inserted at ``start``; None when no segment can be had (full, or no memfd)."""
-        parts, offset = [], 0
-        for i in indexes:
-            n = _nbytes(frames[i])
-            parts.append([i, offset, n])
-            offset += -(-n // _ALIGN) * _ALIGN
-        with self._lock:
-            if os.getpid() != self._pid:  # a forked child: its parent's segments are not its own
-                self._segments, self._pid = [], os.getpid()
-            try:
-                seg = self._take(offset)
-            except OSError:
-                return None
-            if seg is None:
-                return None
-            gen = secrets.randbits(63) | 1
-            view = seg.view
-            try:
-                for (_, off, _n), frame in zip(parts, (frames[i] for i in indexes)):
-                    _copy(view, _PAGE + off, memoryview(frame).cast("B"))
-            except BaseException:
-                fcntl.flock(seg.fd, fcntl.LOCK_UN)  # never sent: free for the next message
-                raise
-            view[_GEN] = gen.to_bytes(8, "little")
-            seg.sent(gen)
-        out = list(frames)
-        for i in indexes:
-            out[i] = b""
-        out.insert(start, bytes([MARK]) + msgpack.packb([self._pid, seg.fd, gen, parts]))
-        return out
-
-    def close(self) -> None:
-        with self._lock:
-            for s in self._segments:
-                with contextlib.suppress(OSError, BufferError):
-                    s.close()
-            self._segments = []
-
-
-_pools: dict[int, Pool] = {}
-_pools_lock = threading.Lock()
-
-
-def pool(pool_bytes: int) -> Pool:
-    """This process's pool (one per process; the first caller sizes it)."""
-    pid = os.getpid()
-    with _pools_lock:
-        p = _pools.get(pid)
-        if p is None:
-            p = _pools[pid] = Pool(pool_bytes)
-        return p
+    return [i for i in range(start, len(frames)) if nbytes(frames[i]) >= min_bytes]
 
 
 def pack(
@@ -289,7 +160,7 @@ def pack(
         indexes = large_frames(frames, start, settings.min_bytes)
     if not indexes:
         return frames
-    size = sum(_nbytes(frames[i]) for i in indexes)
+    size = sum(nbytes(frames[i]) for i in indexes)
     if settings.enabled and same_host:
         out = pool(settings.pool_bytes).pack(frames, indexes, start)
         if out is not None:
@@ -302,7 +173,7 @@ def pack(
 
 
 def is_descriptor(buf: Any) -> bool:
-    return _nbytes(buf) > 0 and memoryview(buf)[0] == MARK
+    return nbytes(buf) > 0 and memoryview(buf)[0] == MARK
 
 
 class _Leased(np.ndarray):
@@ -344,10 +215,10 @@ class Receiver:
             data = self._mapping(pid, fd, ino, size, path)
         finally:
             os.close(rfd)
-        lease[_ACK] = gen.to_bytes(8, "little")
+        lease[ACK] = gen.to_bytes(8, "little")
         out = bufs[:start] + bufs[start + 1 :]
         for i, off, n in parts:
-            view = np.frombuffer(data, np.uint8, n, _PAGE + off).view(_Leased)
+            view = np.frombuffer(data, np.uint8, n, PAGE + off).view(_Leased)
             view.lease = lease
             out[i] = view
         COUNTERS.received_shm += sum(n for _, _, n in parts)
@@ -399,14 +270,45 @@ def unpack(bufs: list[Any], start: int) -> list[Any]:
     return RECEIVER.unpack(bufs, start)
 
 
+class Owned:
+    """The frames of a received message that :func:`unpack` put in shared memory, which
+    nobody but the message holds (``memory.RequestFrames``: its handler may keep them)."""
+
+    def __init__(self, bufs: Sequence[Any]) -> None:
+        self._at = {b.ctypes.data: b for b in bufs if type(b) is _Leased and b.nbytes}
+
+    def take(self, start: int, nbytes: int) -> Any | None:
+        """A buffer over ``[start, start + nbytes)``: one frame, or consecutive frames (of
+        one segment, as one message's are) as one view holding the message's lease."""
+        parts, at, end = [], start, start + nbytes
+        while at < end and at in self._at:
+            parts.append(self._at[at])
+            at += parts[-1].nbytes
+        if at != end or not parts:
+            return None
+        for b in parts:
+            del self._at[b.ctypes.data]
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        root: Any = first
+        while isinstance(root, np.ndarray):  # down to the segment's mapping
+            root = root.base
+        base = np.frombuffer(root, np.uint8)
+        view = base[start - base.ctypes.data : end - base.ctypes.data].view(_Leased)
+        view.lease = first.lease
+        return view
+
+
+def owned(bufs: Sequence[Any]) -> Owned | None:
+    """:class:`Owned` of ``bufs`` (None when no frame came in shared memory)."""
+    frames = Owned(bufs)
+    return frames if frames._at else None
+
+
 def _after_fork_in_child() -> None:
-    """A forked child starts with fresh locks (a parent thread may have held one) and makes
-    its own pool (:func:`pool` is per process)."""
-    global _pools_lock, _forked
-    _pools_lock, _forked = threading.Lock(), True
+    """A forked child starts with a fresh lock (a parent thread may have held one)."""
     RECEIVER._lock = threading.Lock()
-    for p in _pools.values():
-        p._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -419,7 +321,7 @@ def sweep() -> None:
 
 def _open(path: str) -> int:
     try:
-        if not os.readlink(path).startswith(f"/memfd:{_MEMFD_NAME}"):
+        if not os.readlink(path).startswith(f"/memfd:{MEMFD_NAME}"):
             raise ProtocolError(f"{path} is not a transferqueue segment")
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -436,9 +338,9 @@ def _lease(rfd: int, path: str, gen: int, end: int) -> tuple[mmap.mmap, int, int
     except BlockingIOError:
         raise ProtocolError(f"the shared-memory segment {path} was reclaimed") from None
     st = os.fstat(rfd)
-    if int.from_bytes(os.pread(rfd, 8, 0), "little") != gen or st.st_size < _PAGE + end:
+    if int.from_bytes(os.pread(rfd, 8, 0), "little") != gen or st.st_size < PAGE + end:
         raise ProtocolError(f"the shared-memory segment {path} was reclaimed")
-    return mmap.mmap(rfd, _PAGE), st.st_ino, _PAGE + end
+    return mmap.mmap(rfd, PAGE), st.st_ino, PAGE + end
 
 
 # ------------------------------------------------ the host, named in the zmq handshake
