@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from transferqueue.controller.checkpoints import CheckpointMethods
+from transferqueue.controller.kv_methods import KvMethods
 from transferqueue.controller.lease_methods import LeaseMethods
 from transferqueue.controller.state import ControllerState
 from transferqueue.errors import ActorDiedError, PartitionNotFoundError
@@ -55,7 +56,7 @@ class _Waiters:
         await asyncio.wait_for(self._event.wait(), timeout)
 
 
-class ControllerActor(CheckpointMethods, LeaseMethods):
+class ControllerActor(CheckpointMethods, LeaseMethods, KvMethods):
     """Remote methods of the control plane (see :class:`AsyncTransferQueueClient`);
     checkpoints: :class:`CheckpointMethods`."""
 
@@ -466,44 +467,3 @@ class ControllerActor(CheckpointMethods, LeaseMethods):
 
     async def get_production_status(self, fields: Sequence[str], pid: str) -> list[torch.Tensor]:
         return list(self._state.get_production_status(fields, pid))
-
-    # ------------------------------------------------------------ key-value
-    async def kv_rows(self, pid: str, keys: Sequence[str]) -> list[int]:
-        return self._state.rows_for_keys(pid, keys)
-
-    async def kv_list(
-        self,
-        pid: str | None = None,
-        where: Mapping[str, Any] | None = None,
-        min_count: int | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, dict[str, dict[str, Any]]]:
-        """``{partition: {key: tags}}`` (``where``: keys whose tags match). With
-        ``min_count``, waits -- woken by puts and tag changes, never polling -- until at
-        least that many keys of ``pid`` match; ``TimeoutError`` after ``timeout``."""
-        if min_count is None:
-            return self._state.kv_list(pid, where)
-        if pid is None:
-            raise ValueError("kv_list with min_count waits on one partition: give partition_id")
-
-        def enough() -> dict[str, dict[str, dict[str, Any]]] | None:
-            found = self._state.kv_list(pid, where)
-            return found if len(found.get(pid, {})) >= min_count else None
-
-        return await self._until(
-            pid, enough, timeout,
-            f"fewer than {min_count} keys of partition {pid!r} matched within {timeout} s",
-        )  # fmt: skip
-
-    async def kv_clear(self, pid: str, keys: Sequence[str]) -> list[int]:
-        """Forget ``keys`` (keys already gone are ignored, as Redis ``DEL``); returns the
-        rows dropped."""
-        rows = self._state.rows_of_present_keys(pid, keys)
-        await self.clear_samples(pid, rows)
-        return rows
-
-    async def kv_fields(self, pid: str, keys: Sequence[str]) -> dict[str, Any]:
-        """Rows of ``keys`` and the fields every one of them has."""
-        rows = self._state.rows_for_keys(pid, keys)
-        units = self._state.locate(pid, rows)
-        return {"rows": rows, "fields": self._state.common_fields(pid, rows), "units": units}
