@@ -23,6 +23,24 @@ if TYPE_CHECKING:
 __all__ = ["Reads"]
 
 
+def _checked(
+    task: str, fields: Sequence[str], batch_size: int, sampling_config: Mapping[str, Any] | None
+) -> tuple[list[str], dict[str, Any]]:
+    """A get_meta call's arguments checked: (fields as a list, the sampling config)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(task, str) or not task:
+        raise TypeError(f"task_name must be a non-empty str, got {task!r}")
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    if not all(isinstance(f, str) for f in fields):
+        raise TypeError(f"data fields must be str, got {fields!r}")
+    cfg = dict(sampling_config or {})
+    reserved = sorted(CONTEXT_KEYS & set(cfg))
+    if reserved:
+        raise SamplerError(f"sampling_config may not set {reserved}: the controller does")
+    return fields, cfg
+
+
 class Reads:
     """``get_meta`` and its helpers (see the module docstring)."""
 
@@ -59,31 +77,10 @@ class Reads:
         ``lease_group``: the caller's consumers share their leases (e.g. a dataset and its
         DataLoader workers): rows leased to the group do not keep the caller's stream open,
         since they are in its hands."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(task, str) or not task:
-            raise TypeError(f"task_name must be a non-empty str, got {task!r}")
-        fields = [fields] if isinstance(fields, str) else list(fields)
-        if not all(isinstance(f, str) for f in fields):
-            raise TypeError(f"data fields must be str, got {fields!r}")
-        cfg = dict(sampling_config or {})
-        reserved = sorted(CONTEXT_KEYS & set(cfg))
-        if reserved:
-            raise SamplerError(f"sampling_config may not set {reserved}: the controller does")
+        fields, cfg = _checked(task, fields, batch_size, sampling_config)
         by_tags = tag_filter(where)
         part = self._ensure(pid)
-        tests: list[Callable[[Mapping[str, Any], int], bool]] = []
-        if by_tags is not None:
-            tests.append(by_tags)
-        if max_version_lag is not None:
-            if isinstance(max_version_lag, bool) or not isinstance(max_version_lag, int):
-                raise TypeError(f"max_version_lag must be an int, got {max_version_lag!r}")
-            oldest = part.version - max_version_lag
-            if evict:
-                self._evict_stale(part, task, oldest)
-            versions = part.row_version
-            tests.append(lambda tags, row: versions[row] < 0 or versions[row] >= oldest)
-        match = (lambda tags, row: all(t(tags, row) for t in tests)) if tests else None
+        match = self._row_test(part, task, by_tags, max_version_lag, evict)
         limit = self.sampler.candidate_limit(batch_size, **cfg)
         in_hand = lease_group if lease_s is not None else ""
         ready, final = self._ready(part, task, fields, limit, match, in_hand)
@@ -95,6 +92,50 @@ class Reads:
         used = picked if consumed == sampled else self._check_sampled(part, consumed)
         if drop_last and 0 < len(picked) < batch_size:
             picked, used = picked[:0], used[:0]
+        lease = self._hand_out(part, task, picked, used, lease_s, now, lease_group or client)
+        if not len(picked):
+            return BatchMeta.empty(pid, fields) if final else None
+        rows = picked.tolist()
+        return BatchMeta(
+            pid, rows, fields, [part.tags[r] or {} for r in rows], part.unit[picked].tolist(),
+            task_name=task if lease else "", lease=lease,
+        )  # fmt: skip
+
+    def _row_test(
+        self,
+        part: Partition,
+        task: str,
+        by_tags: Callable[[Mapping[str, Any], int], bool] | None,
+        max_version_lag: int | None,
+        evict: bool,
+    ) -> Callable[[Mapping[str, Any], int], bool] | None:
+        """Which rows may be ready for this call: by tags (``by_tags``), and not staler than
+        ``max_version_lag`` (with ``evict``, the staler ones are consumed unseen first)."""
+        tests: list[Callable[[Mapping[str, Any], int], bool]] = []
+        if by_tags is not None:
+            tests.append(by_tags)
+        if max_version_lag is not None:
+            if isinstance(max_version_lag, bool) or not isinstance(max_version_lag, int):
+                raise TypeError(f"max_version_lag must be an int, got {max_version_lag!r}")
+            oldest = part.version - max_version_lag
+            if evict:
+                self._evict_stale(part, task, oldest)
+            versions = part.row_version
+            tests.append(lambda tags, row: versions[row] < 0 or versions[row] >= oldest)
+        return (lambda tags, row: all(t(tags, row) for t in tests)) if tests else None
+
+    def _hand_out(
+        self,
+        part: Partition,
+        task: str,
+        picked: np.ndarray,
+        used: np.ndarray,
+        lease_s: float | None,
+        now: float,
+        holder: str,
+    ) -> int:
+        """Give ``task`` the ``picked`` rows -- leased to ``holder`` with ``lease_s``, else
+        consumed -- and consume the rest of ``used`` unseen; returns the lease (0: none)."""
         lease = 0
         if lease_s is not None and getattr(self.sampler, "consumes_for_others", False):
             raise SamplerError(
@@ -103,7 +144,7 @@ class Reads:
             )
         if lease_s is not None and len(picked):
             lease = self.delivery.lease(
-                part, task, picked, now=now, lease_s=lease_s, client=lease_group or client
+                part, task, picked, now=now, lease_s=lease_s, client=holder
             ).lease
             used = used[~np.isin(used, picked)]  # dropped by the sampler: consumed unseen
         if len(used):
@@ -118,13 +159,7 @@ class Reads:
         if requeued and len(picked):
             taken = set(picked.tolist())
             requeued[:] = [r for r in requeued if r not in taken]
-        if not len(picked):
-            return BatchMeta.empty(pid, fields) if final else None
-        rows = picked.tolist()
-        return BatchMeta(
-            pid, rows, fields, [part.tags[r] or {} for r in rows], part.unit[picked].tolist(),
-            task_name=task if lease else "", lease=lease,
-        )  # fmt: skip
+        return lease
 
     def _evict_stale(self, part: Partition, task: str, oldest: int) -> None:
         """Consume, unseen, the rows reserved before version ``oldest`` (and count them)."""
