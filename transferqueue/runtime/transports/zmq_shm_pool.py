@@ -112,10 +112,6 @@ class Pool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    @property
-    def held_bytes(self) -> int:
-        return sum(s.capacity for s in self._segments)
-
     def __len__(self) -> int:
         return len(self._segments)
 
