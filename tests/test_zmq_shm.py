@@ -273,6 +273,7 @@ def test_ray_data_path_uses_shared_memory_on_one_node(ray_cluster: None) -> None
         moved, got = _put_and_get(system.client, "ray-shm", td)
         assert moved == {"sent_shm": nbytes, "sent_socket": 0, "received_shm": nbytes}
         assert torch.equal(got["x"], td["x"]) and torch.equal(got["ids"], td["ids"])
+        assert _kept_copied(system) == (nbytes, 0)  # Ray's units keep the frames too
         system.client.clear_partition("ray-shm")
     finally:
         runtime_loop().run(system.aclose())
