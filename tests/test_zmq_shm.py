@@ -133,9 +133,9 @@ def test_units_keep_a_puts_frames_and_the_sender_reuses_them_once_cleared(
     client = shm_system.client
     td, nbytes = _batch(11)
     expected = td.clone()
-    _, copied = _kept_copied(shm_system)
+    kept, copied = _kept_copied(shm_system)
     meta = client.put(td, partition_id="keep")
-    assert _kept_copied(shm_system) == (nbytes, copied)  # kept: the units copied nothing
+    assert _kept_copied(shm_system) == (kept + nbytes, copied)  # kept: nothing copied
     td["x"].add_(1.0)  # what you put you may change afterwards
     for seed in (12, 13):  # more puts while the units keep the first one's segments
         client.put(_batch(seed)[0], partition_id=f"keep-{seed}")
@@ -143,7 +143,7 @@ def test_units_keep_a_puts_frames_and_the_sender_reuses_them_once_cleared(
     assert torch.equal(got["x"], expected["x"]) and torch.equal(got["ids"], expected["ids"])
     for name in ("keep", "keep-12", "keep-13"):
         client.clear_partition(name)
-    assert _kept_copied(shm_system)[0] == 0
+    assert _kept_copied(shm_system)[0] == kept
     pool = zmq_shm.pool(shm_system.config.zmq.shm_pool_bytes)
     segments = len(pool)
     for seed in (14, 15, 16):  # the cleared puts' segments came back to this sender
@@ -152,6 +152,27 @@ def test_units_keep_a_puts_frames_and_the_sender_reuses_them_once_cleared(
         assert torch.equal(again["x"], more["x"])
         client.clear_partition("keep-again")
     assert len(pool) == segments
+
+
+def test_a_put_whose_jagged_frames_are_copied_keeps_nothing(shm_system: System) -> None:
+    """Its frames share one segment per unit: keeping the dense ones would hold the copied
+    jagged bytes (runs of 128 rows of ~16 KB: 2 MB frames, in shared memory) twice, so
+    the units copy those as well."""
+    client = shm_system.client
+    td, _ = _batch(19)
+    g = torch.Generator().manual_seed(19)
+    rows = [
+        torch.randn(int(n), generator=g) for n in torch.randint(3000, 5000, (512,), generator=g)
+    ]
+    batch = {"x": td["x"], "responses": torch.nested.nested_tensor(rows, layout=torch.jagged)}
+    kept, copied = _kept_copied(shm_system)
+    meta = client.put(batch, partition_id="mixed")
+    kept_now, copied_now = _kept_copied(shm_system)
+    assert kept_now == kept and copied_now - copied >= td["x"].nbytes
+    got = client.get_data(meta)
+    assert torch.equal(got["x"], td["x"])
+    assert all(torch.equal(a, b) for a, b in zip(got["responses"].unbind(), rows, strict=True))
+    client.clear_partition("mixed")
 
 
 def test_shm_keep_off_copies_the_frames() -> None:
@@ -169,11 +190,12 @@ def test_what_the_units_keep_outlives_its_sigkilled_sender(shm_system: System) -
     parent, child = SPAWN.Pipe()
     args = (shm_system.config, "kept-orphan", 18, child)
     proc = SPAWN.Process(target=fault_procs.producer_of_a_large_batch, args=args, daemon=True)
+    kept_before = _kept_copied(shm_system)[0]
     proc.start()
     try:
         assert parent.poll(120), "the producer never reported its put"
         nbytes = parent.recv()
-        assert _kept_copied(shm_system)[0] == nbytes  # its segments hold the rows
+        assert _kept_copied(shm_system)[0] - kept_before == nbytes  # its segments hold them
         os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
         proc.join(30)
         assert proc.exitcode == -signal.SIGKILL
@@ -187,7 +209,7 @@ def test_what_the_units_keep_outlives_its_sigkilled_sender(shm_system: System) -
     order = meta.global_indexes  # rows in the order the sampler gave them
     assert torch.equal(got["x"], want["x"][order]) and torch.equal(got["y"], want["y"][order])
     client.clear_partition("kept-orphan")
-    assert _kept_copied(shm_system)[0] == 0
+    assert _kept_copied(shm_system)[0] == kept_before
 
 
 def _maps(pid: int) -> str:

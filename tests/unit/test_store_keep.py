@@ -27,6 +27,9 @@ class _Frames:
         self.base = base
         self.at = {base.ctypes.data + a: b - a for a, b in itertools.pairwise(edges)}
 
+    def left(self) -> int:
+        return sum(self.at.values())
+
     def take(self, start: int, nbytes: int) -> np.ndarray | None:
         at, end, parts = start, start + nbytes, []
         while at < end and at in self.at:
@@ -134,3 +137,30 @@ def test_a_kept_buffer_read_as_a_view_is_copied_on_write() -> None:
     assert torch.equal(view, held)  # the reader's rows did not change under it
     assert torch.equal(store.read("p", [0, 7], ["x"])["x"], torch.zeros(2, 512))
     assert store.kept_bytes == 0  # the rows moved to a buffer of the store's own
+
+
+def test_nothing_is_kept_when_much_of_the_message_was_copied() -> None:
+    """A kept frame holds its whole message's segment: with the message's other frames
+    copied (here a field whose buffer exists), keeping would hold their bytes twice."""
+    both = np.random.default_rng(5).standard_normal(8 * 1024 + 8 * 256).astype(np.float32)
+    x = torch.from_numpy(both[: 8 * 1024]).view(8, 1024)
+    y = torch.from_numpy(both[8 * 1024 :]).view(8, 256)  # a quarter of x's bytes
+    store = Store()
+    store.write("p", list(range(8)), {"y": torch.zeros(8, 256)})  # y's buffer exists
+    before = store.copied_bytes
+    with _request(_Frames(both.view(np.uint8), x.nbytes)):
+        store.write("p", list(range(8)), {"x": x, "y": y})
+    assert store.kept_bytes == 0 and store.copied_bytes == before + x.nbytes + y.nbytes
+    got = store.read("p", list(range(8)), ["x", "y"])
+    assert torch.equal(got["x"], x) and torch.equal(got["y"], y)
+
+
+def test_a_little_left_over_does_not_stop_the_keeping() -> None:
+    both = np.random.default_rng(6).standard_normal(8 * 1024 + 8 * 64).astype(np.float32)
+    x = torch.from_numpy(both[: 8 * 1024]).view(8, 1024)
+    y = torch.from_numpy(both[8 * 1024 :]).view(8, 64)  # 1/16 of x's bytes, copied
+    store = Store()
+    store.write("p", list(range(8)), {"y": torch.zeros(8, 64)})
+    with _request(_Frames(both.view(np.uint8), x.nbytes)):
+        store.write("p", list(range(8)), {"x": x, "y": y})
+    assert store.kept_bytes == x.nbytes

@@ -114,6 +114,9 @@ class RequestFrames(Protocol):
         consecutive frames (keeping their memory alive as long as it lives; they are not
         offered again); else None."""
 
+    def left(self) -> int:
+        """Bytes of the frames not taken."""
+
 
 #: the frames of the request being handled that its handler may keep
 _request_frames: contextvars.ContextVar[RequestFrames | None] = contextvars.ContextVar(
@@ -130,6 +133,13 @@ def request_frames(frames: RequestFrames | None) -> contextvars.Token[RequestFra
 
 def reset_request_frames(token: contextvars.Token[RequestFrames | None]) -> None:
     _request_frames.reset(token)
+
+
+def frames_left() -> int:
+    """Bytes of the running request's frames that :func:`take_ownership` did not hand out
+    (a handler that kept some holds the others' memory too, where they share a segment)."""
+    frames = _request_frames.get()
+    return 0 if frames is None else frames.left()
 
 
 def take_ownership(chunks: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | None:

@@ -319,6 +319,16 @@ class Field:
             return 0
         return buf.nbytes
 
+    def unkeep(self) -> None:
+        """Move a buffer kept from a put's frames into the store's own memory (one copy)."""
+        buf = self.buffer
+        if buf is None or not self.kept_bytes:
+            return
+        own = self.pool.take(buf.shape[0], tuple(buf.shape[1:]), buf.dtype)
+        own[: buf.shape[0]].copy_(buf)
+        self.copies.nbytes += buf.nbytes
+        self.buffer, self.kept = own, 0
+
     def give(self, buf: torch.Tensor | None) -> None:
         """Hand a buffer this field no longer uses to the pool (one kept from a put's frame
         is not the store's memory: it goes back to its sender when freed)."""

@@ -63,9 +63,14 @@ import numpy as np
 import torch
 
 from transferqueue.errors import PartitionNotFoundError, SchemaError, StorageFullError
+from transferqueue.runtime import memory
 from transferqueue.storage._arena import is_range
 from transferqueue.storage._field import ABSENT, Copies, Field, FieldData, lo_hi, row_array
 from transferqueue.storage._pool import BufferPool
+
+#: a put's frames are kept only if those of its message left over (copied) are at most
+#: 1/_KEEP_WASTE of the kept bytes: a kept frame holds its whole message's segment alive
+_KEEP_WASTE = 8
 
 Column = torch.Tensor | list[Any]
 
@@ -289,6 +294,7 @@ class Store:
         if part is None:
             part = self._partitions[plan.partition_id] = _Partition()
         slots, held = part.assign_slots(plan.rows)
+        kept_now: list[Field] = []  # fields that kept this request's frames as their buffer
         for name, col in plan.columns.items():
             field = part.fields.get(name)
             if field is None:
@@ -298,8 +304,16 @@ class Store:
             elif name in plan.promote:
                 self._nbytes += field.promote(plan.promote[name])
             freed = field.release(held) if held.size else 0
+            kept = field.kept
             field.write(slots, col)
+            if field.kept != kept:
+                kept_now.append(field)
             self._nbytes += col.nbytes - freed
+        if kept_now and memory.frames_left() * _KEEP_WASTE > sum(f.kept_bytes for f in kept_now):
+            # a kept frame holds its whole message's segment: with more than a little of
+            # the request's other frames copied, not kept, keeping holds their bytes twice
+            for field in kept_now:
+                field.unkeep()
 
     def write(self, partition_id: str, rows: Any, columns: dict[str, Any]) -> None:
         """Write ``columns`` into ``rows`` of ``partition_id``: all of it, or nothing."""

@@ -277,6 +277,9 @@ class Owned:
     def __init__(self, bufs: Sequence[Any]) -> None:
         self._at = {b.ctypes.data: b for b in bufs if type(b) is _Leased and b.nbytes}
 
+    def left(self) -> int:
+        return sum(b.nbytes for b in self._at.values())
+
     def take(self, start: int, nbytes: int) -> Any | None:
         """A buffer over ``[start, start + nbytes)``: one frame, or consecutive frames (of
         one segment, as one message's are) as one view holding the message's lease."""
