@@ -107,7 +107,7 @@ class Field:
         self.written = 0  # slots below this were written (and may have been read as views)
         self.overlay: Overlay | None = None  # cells rewritten while views were alive
         self.arena: JaggedArena | None = None
-        self.kept = 0  # the storage address of a buffer kept from a put's frame, or 0
+        self.kept = False  # the buffer is a put's frames, kept as is (:meth:`_keep`)
         self.cells: dict[int, Any] = {}
         self.count = 0
         self.dense_count = 0  # DENSE and MOVED cells
@@ -305,7 +305,7 @@ class Field:
         buf = memory.take_ownership(chunks)
         if buf is None:
             return False
-        self.buffer, self.kept = buf, buf.untyped_storage().data_ptr()
+        self.buffer, self.kept = buf, True
         self.state[slots] = DENSE
         self.written = need
         self.dense_count += slots.size
@@ -314,26 +314,18 @@ class Field:
     @property
     def kept_bytes(self) -> int:
         """Bytes of the buffer, when it is one kept from a put's frames (:meth:`_keep`)."""
-        buf = self.buffer
-        if buf is None or not self.kept or buf.untyped_storage().data_ptr() != self.kept:
-            return 0
-        return buf.nbytes
+        return self.buffer.nbytes if self.kept and self.buffer is not None else 0
 
     def unkeep(self) -> None:
         """Move a buffer kept from a put's frames into the store's own memory (one copy)."""
-        buf = self.buffer
-        if buf is None or not self.kept_bytes:
-            return
-        own = self.pool.take(buf.shape[0], tuple(buf.shape[1:]), buf.dtype)
-        own[: buf.shape[0]].copy_(buf)
-        self.copies.nbytes += buf.nbytes
-        self.buffer, self.kept = own, 0
+        if self.kept and self.buffer is not None:
+            self._replace_buffer(self.buffer)
 
     def give(self, buf: torch.Tensor | None) -> None:
-        """Hand a buffer this field no longer uses to the pool (one kept from a put's frame
+        """Hand the buffer this field stops using to the pool (one kept from a put's frames
         is not the store's memory: it goes back to its sender when freed)."""
-        if buf is not None and self.kept and buf.untyped_storage().data_ptr() == self.kept:
-            self.kept = 0
+        if buf is not None and self.kept:
+            self.kept = False
             return
         self.pool.give(buf)
 
@@ -342,7 +334,7 @@ class Field:
         grown = self.pool.take(buf.shape[0], tuple(buf.shape[1:]), buf.dtype)
         grown[: self.written].copy_(buf[: self.written])
         self.copies.nbytes += buf[: self.written].nbytes
-        self.buffer = grown
+        self.buffer, self.kept = grown, False  # ``buf`` is not the field's any more
         self._fold()
         return grown
 

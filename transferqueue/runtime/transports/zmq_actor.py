@@ -69,6 +69,7 @@ class _Server:
             return
         ident = frames[0]
         body = [f.buffer for f in frames[1:]]
+        owned = None  # the request's shared-memory frames, which its handler may keep
         if zmq_shm.is_descriptor(body[0]):
             try:
                 if not self.shm.enabled:
@@ -77,9 +78,8 @@ class _Server:
             except ActorError as exc:  # answer that request: its bytes cannot be had
                 self._send([ident, *encode_reply(_request_id(body[1:]), False, exc)])
                 return
-            owned = zmq_shm.owned(body) if self.shm.keep else None
-        else:
-            owned = None
+            if self.shm.keep:
+                owned = zmq_shm.owned(body)
         reply = self.dispatcher.serve_now(body, owned)
         if isinstance(reply, list):
             body.clear()  # a request's segment goes back to its sender as soon as it can
