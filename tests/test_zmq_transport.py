@@ -16,6 +16,7 @@ from actors import Echo
 
 from transferqueue.config import load_config
 from transferqueue.errors import ActorError, ProtocolError
+from transferqueue.runtime.actor import ActorRef
 from transferqueue.runtime.transports._protocol import Envelope, decode_reply, encode_request
 from transferqueue.runtime.transports.zmq import ZmqTransport
 
@@ -76,6 +77,26 @@ async def test_the_channels_one_deadline_timer_wakes_for_a_shorter_call(zmq_echo
     assert await asyncio.wait_for(long, 20) == "timer-long"
 
 
+async def test_a_channel_connects_whatever_inproc_endpoints_linger(zmq_echo) -> None:
+    """pyzmq names a socket monitor's endpoint by the socket's fd, and libzmq frees a closed
+    socket's endpoints later, on its own thread: a new channel whose socket got a fd just
+    freed met the old name still bound ("Address already in use", seen once in a full
+    nox run). Every name of that form is taken here: a channel must not need one."""
+    from transferqueue.runtime.transports.zmq_pump import context
+
+    squatter = context().socket(zmq.PAIR)
+    try:
+        for fd in range(2048):
+            squatter.bind(f"inproc://monitor.s-{fd}")
+        ref = ActorRef(zmq_echo.ref.address, load_config({"transport": "zmq"}))
+        try:
+            assert await ref.call("echo", "through") == "through"
+        finally:
+            await ref.aclose()
+    finally:
+        squatter.close(linger=0)
+
+
 async def test_ipc_addresses(tmp_path) -> None:
     config = load_config({"transport": "zmq", "zmq": {"protocol": "ipc", "ipc_dir": str(tmp_path)}})
     handle = await ZmqTransport(config).spawn(Echo)
@@ -95,6 +116,7 @@ import asyncio, sys
 from actors import Echo
 from transferqueue.config import load_config
 from transferqueue.errors import ActorError, ProtocolError
+from transferqueue.runtime.actor import ActorRef
 from transferqueue.runtime.transports._protocol import Envelope, decode_reply, encode_request
 from transferqueue.runtime.transports.zmq import ZmqTransport
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -77,6 +79,10 @@ def _reply_id(frames: list[Any]) -> int | None:
     return None
 
 
+#: numbers the channels' socket monitors (their inproc endpoints' names)
+_MONITORS = itertools.count()
+
+
 class ZmqChannel(Channel):
     """A DEALER connected to one actor, bound to the event loop that created it."""
 
@@ -95,6 +101,8 @@ class ZmqChannel(Channel):
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         if self._keys is not None:
             zmq_auth.secure_client(sock, self._keys)
+        # a name of its own: pyzmq's default names the endpoint by the socket's fd, which a
+        # closed socket's endpoint may still hold (libzmq frees it later, on its thread)
         monitor = sock.get_monitor_socket(
             zmq.EVENT_CONNECTED
             | zmq.EVENT_DISCONNECTED
@@ -102,7 +110,8 @@ class ZmqChannel(Channel):
             | zmq.EVENT_HANDSHAKE_SUCCEEDED
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+            addr=f"inproc://tq-monitor-{os.getpid()}-{next(_MONITORS)}",
         )
         sock.connect(self._endpoint)
         self._calls = Calls(self._endpoint)
