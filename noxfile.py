@@ -89,12 +89,38 @@ def tests(session: nox.Session) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in concurrent.futures.as_completed([pool.submit(run, n) for n in RUNS]):
             name, code, took = future.result()
-            print((logs / f"{name}.log").read_text(), flush=True)
             session.log(f"[{name}] exit {code} after {took:.0f} s")
             if code != 0:
-                failed.append(name)
+                failed.append(name)  # printed last: a CI that keeps only the tail shows it
+            else:
+                print((logs / f"{name}.log").read_text(), flush=True)
+    for name in failed:
+        text = (logs / f"{name}.log").read_text()
+        print(text, flush=True)
+        print(failure_recap(name, text), flush=True)
     if failed:
         session.error(f"tests failed on: {', '.join(sorted(failed))} (logs in {logs})")
+
+
+#: lines of a failing run's tracebacks repeated at the very end of the tests session
+RECAP_LINES = 80
+
+
+def failure_recap(name: str, log: str) -> str:
+    """The end of a failing run's FAILURES/ERRORS section and its FAILED/ERROR lines, so
+    the last screen of the session says which test failed and why (the durations and skip
+    list pytest prints after them would otherwise push them out of a kept tail)."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip("= ") in ("FAILURES", "ERRORS")]
+    ends = [i for i, line in enumerate(lines) if "slowest" in line and line.startswith("=")]
+    body: list[str] = []
+    if starts:
+        stop = next((e for e in ends if e > starts[0]), len(lines))
+        body = lines[starts[0] : stop][-RECAP_LINES:]
+    verdicts = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    if not body and not verdicts:  # no test failed: pytest itself did (collection, a crash)
+        body = lines[-RECAP_LINES:]
+    return "\n".join([f"==== [{name}] failed: recap ====", *body, *verdicts])
 
 
 @nox.session(python=False)
